@@ -1,0 +1,3 @@
+from dermwatch.cli import main
+
+main()

@@ -1,0 +1,251 @@
+"""The `dermwatch` command: one click group; each error becomes one line and exit status 1."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from dermwatch.config import Settings, load_settings
+from dermwatch.errors import DermwatchError, ModelError, RejectedImage
+from dermwatch.labels import CLASS_NAMES, MELANOMA
+from dermwatch.pipeline.claim import is_candidate
+
+# Training commands need TensorFlow-side packages, so they are imported only when asked for.
+_TRAINING_COMMANDS = {"audit": "audit_command", "train": "train_command"}
+
+
+class DermwatchGroup(click.Group):
+    """A click group that turns every DermwatchError into one line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DermwatchError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(1)
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name in _TRAINING_COMMANDS:
+            return _training_command(name)
+        return super().get_command(ctx, name)
+
+    def list_commands(self, ctx: click.Context):
+        return sorted([*super().list_commands(ctx), *_TRAINING_COMMANDS])
+
+
+def _training_command(name: str) -> click.Command:
+    try:
+        from dermwatch.training import commands
+    except ImportError as error:
+        message = f"'{name}' needs the training extras: pip install 'dermwatch[train]' ({error})"
+
+        def missing_extras() -> None:
+            raise click.ClickException(message)
+
+        return click.Command(name, callback=missing_extras, help=message,
+                             context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    return getattr(commands, _TRAINING_COMMANDS[name])
+
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    envvar="DERMWATCH_CONFIG", help="config.toml to read (default: $DERMWATCH_CONFIG, then ./config.toml).",
+)
+
+
+@click.group(cls=DermwatchGroup)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.version_option(package_name="dermwatch")
+def cli(verbose: bool) -> None:
+    """Classify dermoscopy images as they arrive and report suspected melanoma."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@cli.command()
+@config_option
+def run(config_path: Path | None) -> None:
+    """Run the service in the foreground: watch the intake folder until SIGTERM."""
+    from dermwatch.watcher.service import run_service
+
+    run_service(load_settings(config_path))
+
+
+@cli.command()
+@config_option
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
+    """Process image files or folders once, as the service would, then exit.
+
+    Files are moved into the archive (or quarantine), exactly as from the intake folder.
+    """
+    from dermwatch.pipeline.process import open_processor
+
+    settings = load_settings(config_path)
+    processor = open_processor(settings)
+    files = _collect(paths)
+    outcomes = []
+    with click.progressbar(length=len(files), label="classifying", file=sys.stderr) as bar:
+        for start in range(0, len(files), settings.model.batch_size):
+            batch = files[start : start + settings.model.batch_size]
+            claimed = [c for c in map(processor.claim, batch) if c is not None]
+            outcomes += processor.process(claimed)
+            bar.update(len(batch))
+    by_status: dict[str, int] = {}
+    for outcome in outcomes:
+        by_status[outcome.status] = by_status.get(outcome.status, 0) + 1
+        if outcome.status == "rejected":
+            click.echo(f"rejected: {outcome.name}: {outcome.detail}", err=True)
+    vanished = len(files) - len(outcomes)
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items())) or "nothing"
+    click.echo(f"{summary}{f', {vanished} vanished before they could be taken' if vanished else ''}")
+
+
+@cli.command()
+@config_option
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True)
+def classify(config_path: Path | None, paths: tuple[Path, ...], output_format: str) -> None:
+    """Classify images and print the result; stores and moves nothing."""
+    from dermwatch.pipeline.classifier import load_classifier
+    from dermwatch.pipeline.decode import read_rgb
+    from dermwatch.preprocess import to_model_input
+
+    settings = load_settings(config_path)
+    classifier = load_classifier(settings.model.path, settings.model.threads)
+    threshold = classifier.card.melanoma_threshold
+    results, failures = [], 0
+    for path in _collect(paths):
+        try:
+            decoded = read_rgb(path, max_pixels=settings.max_pixels, draft_size=classifier.input_size)
+        except RejectedImage as rejection:
+            click.echo(f"error: {path}: {rejection}", err=True)
+            failures += 1
+            continue
+        probabilities = classifier.predict(to_model_input(decoded.image, classifier.input_size)[None])[0]
+        results.append((path, probabilities))
+    _print_classifications(results, threshold, output_format)
+    if failures:
+        sys.exit(1)
+
+
+def _print_classifications(results, threshold: float, output_format: str) -> None:
+    melanoma = CLASS_NAMES.index(MELANOMA)
+    rows = [
+        {
+            "path": str(path),
+            **{label: round(float(p), 6) for label, p in zip(CLASS_NAMES, probabilities)},
+            "label": CLASS_NAMES[int(probabilities.argmax())],
+            "flagged": bool(probabilities[melanoma] >= threshold),
+        }
+        for path, probabilities in results
+    ]
+    if output_format == "json":
+        click.echo(json.dumps(rows, indent=2))
+    elif output_format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=["path", *CLASS_NAMES, "label", "flagged"])
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        for row in rows:
+            flag = "  FLAGGED: possible melanoma" if row["flagged"] else ""
+            click.echo(f"{row['path']}: {row['label']} ({row[row['label']]:.2f}), "
+                       f"P(melanoma) {row[MELANOMA]:.3f}{flag}")
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Counts, model and schema revision of this installation."""
+    from dermwatch.modelcard import load_card, shipped_model_path
+    from dermwatch.store.db import current_revision, head_revision, make_engine
+    from dermwatch.store.queries import counts
+
+    settings = load_settings(config_path)
+    engine = make_engine(settings.database_url)
+    revision = current_revision(engine)
+    report: dict = {"config": str(settings.source) if settings.source else None}
+    report |= counts(engine) if revision else dict.fromkeys(
+        ("images", "sightings", "predictions", "flagged", "quarantined"), 0)
+    report["pending"] = _pending(settings)
+    try:
+        report["model"] = load_card(settings.model.path or shipped_model_path()).display
+    except ModelError as error:
+        report["model"], report["model_error"] = None, str(error)
+    report["db_revision"], report["db_head"] = revision, head_revision()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        click.echo(f"{key:>12}: {value}")
+
+
+def _pending(settings: Settings) -> int:
+    """Files waiting in the intake folder, plus arrivals not yet finished in state/work/."""
+    waiting = sum(
+        is_candidate(name) for _folder, _dirs, files in os.walk(settings.paths.intake) for name in files
+    ) if settings.paths.intake.is_dir() else 0
+    if settings.paths.work.is_dir():
+        waiting += sum(1 for p in settings.paths.work.iterdir() if not p.name.endswith(".json"))
+    return waiting
+
+
+@cli.group()
+def db() -> None:
+    """Database schema: upgrade it, or check it is current."""
+
+
+@db.command("upgrade")
+@config_option
+def db_upgrade(config_path: Path | None) -> None:
+    """Migrate the database to the schema this version needs."""
+    from dermwatch.store.db import current_revision, head_revision, make_engine, upgrade
+
+    engine = make_engine(load_settings(config_path).database_url)
+    before = current_revision(engine)
+    upgrade(engine)
+    click.echo(f"database at revision {head_revision()} (was {before or 'empty'})")
+
+
+@db.command("check")
+@config_option
+def db_check(config_path: Path | None) -> None:
+    """Exit 0 if the schema is current, 1 (with the fix) if not."""
+    from dermwatch.store.db import current_revision, head_revision, make_engine
+
+    engine = make_engine(load_settings(config_path).database_url)
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        click.echo(f"error: database at revision {current or 'none'}, needs {head}: run `dermwatch db upgrade`",
+                   err=True)
+        sys.exit(1)
+    click.echo(f"database schema is current ({head})")
+
+
+def _collect(paths: tuple[Path, ...]) -> list[Path]:
+    """Files named, and the candidate files under folders named, in a stable order."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            files += sorted(
+                Path(folder) / name
+                for folder, _dirs, names in os.walk(path) for name in names if is_candidate(name)
+            )
+        else:
+            files.append(path)
+    return files
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,171 @@
+"""config.toml -> frozen, validated settings.
+
+Every key has a default that works on one machine as-is; an unknown key or a wrong type
+is an error that names the key. Relative paths resolve against the config file's folder
+(or the working directory when there is no file).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from dermwatch.errors import ConfigError
+
+CONFIG_ENV = "DERMWATCH_CONFIG"
+
+#: Every section and key, with its default. The shipped config.toml documents the same.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "paths": {"intake": "var/intake", "state": "var/state", "reports": "var/reports"},
+    "database": {"url": "sqlite:///var/dermwatch.db"},
+    "model": {"path": "", "threads": 2, "batch_size": 16},
+    "watcher": {"settle_seconds": 1.0, "rescan_seconds": 60.0, "polling": False},
+    "images": {"max_pixels": 50_000_000},
+}
+
+
+@dataclass(frozen=True)
+class PathSettings:
+    intake: Path
+    state: Path
+    reports: Path
+
+    @property
+    def work(self) -> Path:
+        return self.state / "work"
+
+    @property
+    def archive(self) -> Path:
+        return self.state / "archive"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.state / "quarantine"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    path: Path | None  # None: the model shipped inside the package
+    threads: int
+    batch_size: int  # most images classified in one interpreter call
+
+
+@dataclass(frozen=True)
+class WatcherSettings:
+    settle_seconds: float
+    rescan_seconds: float
+    polling: bool
+
+
+@dataclass(frozen=True)
+class Settings:
+    paths: PathSettings
+    database_url: str
+    model: ModelSettings
+    watcher: WatcherSettings
+    max_pixels: int
+    source: Path | None  # the config file read, if any
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read ``path``, else $DERMWATCH_CONFIG, else ./config.toml if present, else defaults."""
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = Path(os.environ[CONFIG_ENV])
+    if path is None and Path("config.toml").is_file():
+        path = Path("config.toml")
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    values = _merge(raw, path)
+    base = path.resolve().parent if path else Path.cwd()
+    return _build(values, base, path.resolve() if path else None)
+
+
+def _merge(raw: dict[str, Any], path: Path | None) -> dict[str, dict[str, Any]]:
+    where = path or "config"
+    merged = {section: dict(keys) for section, keys in DEFAULTS.items()}
+    for section, keys in raw.items():
+        if section not in DEFAULTS:
+            raise ConfigError(f"{where}: unknown section [{section}] (known: {', '.join(DEFAULTS)})")
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table")
+        for key, value in keys.items():
+            if key not in DEFAULTS[section]:
+                raise ConfigError(f"{where}: unknown key [{section}] {key}")
+            merged[section][key] = _checked(f"[{section}] {key}", value, DEFAULTS[section][key], where)
+    return merged
+
+
+def _checked(name: str, value: Any, default: Any, where: Path | str) -> Any:
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not expected:
+        raise ConfigError(f"{where}: {name} must be a {expected.__name__}, got {value!r}")
+    if expected in (int, float) and value <= 0:
+        raise ConfigError(f"{where}: {name} must be positive, got {value!r}")
+    return value
+
+
+def _build(values: dict[str, dict[str, Any]], base: Path, source: Path | None) -> Settings:
+    paths = values["paths"]
+    model = values["model"]
+    watcher = values["watcher"]
+    return Settings(
+        paths=PathSettings(**{key: _resolve(base, paths[key]) for key in ("intake", "state", "reports")}),
+        database_url=_database_url(values["database"]["url"], base),
+        model=ModelSettings(
+            path=_resolve(base, model["path"]) if model["path"] else None,
+            threads=model["threads"],
+            batch_size=model["batch_size"],
+        ),
+        watcher=WatcherSettings(**watcher),
+        max_pixels=values["images"]["max_pixels"],
+        source=source,
+    )
+
+
+def _resolve(base: Path, value: str) -> Path:
+    return (base / Path(value).expanduser()).resolve()
+
+
+def _database_url(url: str, base: Path) -> str:
+    """Resolve a relative SQLite file against ``base``; leave every other URL alone."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"[database] url {url!r} is not a SQLAlchemy database URL") from None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return url
+    return parsed.set(database=str(_resolve(base, parsed.database))).render_as_string(hide_password=False)
+
+
+def ensure_folders(settings: Settings) -> None:
+    """Create the service's folders; fail with the config key when one is not writable."""
+    folders = {
+        "[paths] intake": settings.paths.intake,
+        "[paths] state": settings.paths.state,
+        "[paths] reports": settings.paths.reports,
+    }
+    for key, folder in folders.items():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"{key}: cannot create {folder} ({error.strerror})") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}: {folder} is not writable by this user")
+    for folder in (settings.paths.work, settings.paths.archive, settings.paths.quarantine):
+        folder.mkdir(exist_ok=True)

@@ -1,0 +1,1 @@
+"""One image, start to end: claim, decode, preprocess, classify, store, archive."""

@@ -1,0 +1,126 @@
+"""Tables: images (one per distinct content), sightings (every arrival), predictions, rejections."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from dermwatch.labels import CLASS_NAMES
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """Stores aware UTC datetimes; gives them back aware, whatever the backend keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None or value.tzinfo is not None:
+            return value
+        return value.replace(tzinfo=timezone.utc)
+
+
+def probability_column(label: str) -> str:
+    """Column name holding P(label), e.g. p_basal_cell_carcinoma."""
+    return "p_" + label.replace(" ", "_")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Image(Base):
+    """One distinct image content (by sha256), however often it arrived."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    original_name: Mapped[str] = mapped_column(Text)
+    sidecar: Mapped[dict | None] = mapped_column(JSON)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    processed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    bytes: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(16))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    archive_path: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="classified")
+
+    sightings: Mapped[list[Sighting]] = relationship(back_populates="image")
+    predictions: Mapped[list[Prediction]] = relationship(back_populates="image")
+
+
+class Sighting(Base):
+    """One arrival of a file; the same bytes dropped twice give two sightings."""
+
+    __tablename__ = "sightings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    claim: Mapped[str] = mapped_column(String(64), unique=True)  # the work/ token: one row per arrival
+    original_name: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+    image: Mapped[Image] = relationship(back_populates="sightings")
+
+
+class Prediction(Base):
+    """What one model said about one image."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("image_id", "model_sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
+    top_label: Mapped[str] = mapped_column(String(32))
+    melanoma_score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    flagged: Mapped[bool] = mapped_column(Boolean, index=True)
+    # P(class) for each of the nine classes, named by probability_column().
+    p_actinic_keratosis: Mapped[float] = mapped_column(Float)
+    p_basal_cell_carcinoma: Mapped[float] = mapped_column(Float)
+    p_dermatofibroma: Mapped[float] = mapped_column(Float)
+    p_melanoma: Mapped[float] = mapped_column(Float)
+    p_nevus: Mapped[float] = mapped_column(Float)
+    p_pigmented_benign_keratosis: Mapped[float] = mapped_column(Float)
+    p_seborrheic_keratosis: Mapped[float] = mapped_column(Float)
+    p_squamous_cell_carcinoma: Mapped[float] = mapped_column(Float)
+    p_vascular_lesion: Mapped[float] = mapped_column(Float)
+
+    image: Mapped[Image] = relationship(back_populates="predictions")
+
+    def probabilities(self) -> dict[str, float]:
+        return {label: getattr(self, probability_column(label)) for label in CLASS_NAMES}
+
+
+class Rejection(Base):
+    """A file that could not be classified, and why; the file itself waits in quarantine."""
+
+    __tablename__ = "rejections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    claim: Mapped[str] = mapped_column(String(64), unique=True)
+    original_name: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    bytes: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    rejected_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    quarantine_path: Mapped[str] = mapped_column(Text)

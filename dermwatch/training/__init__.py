@@ -1,0 +1,1 @@
+"""Everything that builds a model. The only package allowed to import TensorFlow."""

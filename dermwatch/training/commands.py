@@ -1,0 +1,70 @@
+"""The training side of the CLI: audit, train, export, evaluate. Imported only when used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dermwatch.training.audit import audit, write_manifest
+
+data_option = click.option(
+    "--data", "data_roots", multiple=True, required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A data root: class folders, or Train/ and Test/ holding them. Repeat for several.",
+)
+ground_truth_option = click.option(
+    "--ground-truth", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="ISIC ground-truth CSV (image, lesion_id, diagnosis) to resolve labels and group lesions.",
+)
+seed_option = click.option("--seed", default=0, show_default=True, help="Seed of the split and of training.")
+
+
+@click.command("audit")
+@click.argument("data_roots", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@ground_truth_option
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=Path("manifest.csv"),
+              show_default=True, help="Where to write the manifest CSV.")
+@seed_option
+def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manifest: Path, seed: int) -> None:
+    """Find duplicates, label conflicts, same-lesion groups and leaks in DATA_ROOTS."""
+    result = audit(list(data_roots), ground_truth, seed=seed)
+    write_manifest(result.rows, manifest)
+    for finding in result.findings:
+        click.echo(f"- {finding}")
+    click.echo(f"manifest: {manifest}")
+
+
+@click.command("train")
+@data_option
+@ground_truth_option
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the manifest, the Keras model and training.json.")
+@click.option("--arch", type=click.Choice(["dermnet", "seed"]), default="dermnet", show_default=True)
+@click.option("--input-size", default=160, show_default=True, help="Side of the square model input.")
+@click.option("--width", default=32, show_default=True, help="Filters of the first stage (dermnet).")
+@click.option("--epochs", default=50, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--learning-rate", default=2e-3, show_default=True)
+@click.option("--no-balance", is_flag=True, help="Do not weight the loss by inverse class frequency.")
+@seed_option
+def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_dir: Path, arch: str,
+                  input_size: int, width: int, epochs: int, batch_size: int, learning_rate: float,
+                  no_balance: bool, seed: int) -> None:
+    """Audit the data, split it by lesion, and train a network from scratch."""
+    from dermwatch.training.train import TrainOptions, train
+
+    result = audit(list(data_roots), ground_truth, seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(result.rows, out_dir / "manifest.csv")
+    (out_dir / "audit.txt").write_text("".join(f"- {f}\n" for f in result.findings))
+    options = TrainOptions(arch=arch, input_size=input_size, width=width, epochs=epochs,
+                           batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                           balance=not no_balance)
+    record = train(result, out_dir, options)
+    validation = record["validation"]
+    click.echo(
+        f"best epoch {record['best_epoch']}/{epochs} in {record['wall_seconds']:.0f} s; validation: "
+        f"accuracy {validation['accuracy']:.3f}, balanced {validation['balanced_accuracy']:.3f}, "
+        f"melanoma AUC {validation['melanoma_roc_auc']:.3f}; saved to {out_dir}"
+    )

@@ -1,0 +1,64 @@
+"""Turn manifest rows into pixel arrays (through the service's own decoder) and batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dermwatch.labels import CLASS_NAMES
+from dermwatch.pipeline.decode import read_rgb
+from dermwatch.preprocess import to_model_input
+from dermwatch.training.audit import TRAINING_MAX_PIXELS, ManifestRow
+
+
+def load_arrays(rows: list[ManifestRow], input_size: int, *, labels: str = "resolved") -> tuple[np.ndarray, np.ndarray]:
+    """Decode and resize ``rows`` exactly as the service does; return (uint8 NxHxWx3, int labels)."""
+    images = np.empty((len(rows), input_size, input_size, 3), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        decoded = read_rgb(Path(row.path), max_pixels=TRAINING_MAX_PIXELS, draft_size=input_size)
+        images[i] = to_model_input(decoded.image, input_size)
+    names = [row.resolved_label if labels == "resolved" else row.folder_label for row in rows]
+    return images, np.array([CLASS_NAMES.index(n) for n in names], dtype=np.int32)
+
+
+def class_weights(labels: np.ndarray) -> dict[int, float]:
+    """Inverse class frequency, scaled so the average training sample weighs 1."""
+    counts = np.bincount(labels, minlength=len(CLASS_NAMES)).astype(float)
+    weights = np.where(counts > 0, len(labels) / (np.count_nonzero(counts) * np.maximum(counts, 1)), 0.0)
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
+    """Shuffled batches with on-the-fly augmentation; nothing augmented is ever stored."""
+    geometric = keras.Sequential(
+        [
+            # Small rotations on top of the 90-degree ones: dermoscopy has no 'up'.
+            keras.layers.RandomRotation(0.05, fill_mode="reflect", seed=seed),
+            keras.layers.RandomZoom((-0.1, 0.1), fill_mode="reflect", seed=seed + 1),
+            keras.layers.RandomTranslation(0.05, 0.05, fill_mode="reflect", seed=seed + 2),
+        ],
+        name="geometric_augmentation",
+    )
+
+    def dihedral_and_colour(image, label):
+        image = tf.cast(image, tf.float32)
+        image = tf.image.rot90(image, tf.random.uniform([], 0, 4, dtype=tf.int32))
+        image = tf.image.random_flip_left_right(image)
+        image = tf.image.random_brightness(image, 0.1 * 255)
+        image = tf.image.random_contrast(image, 0.85, 1.15)
+        image = tf.image.random_saturation(image, 0.8, 1.2)
+        image = tf.image.random_hue(image, 0.03)
+        return tf.clip_by_value(image, 0.0, 255.0), label
+
+    return (
+        tf.data.Dataset.from_tensor_slices((images, labels))
+        .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        .map(dihedral_and_colour, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size)
+        .map(lambda x, y: (geometric(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+

@@ -1,0 +1,126 @@
+"""Keras -> TFLite (float32 and full-integer int8), checked against Keras, with model cards."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dermwatch.labels import CLASS_NAMES
+from dermwatch.modelcard import load_card, write_card
+from dermwatch.pipeline.classifier import Classifier
+from dermwatch.preprocess import RESAMPLE
+from dermwatch.training.audit import ManifestRow
+from dermwatch.training.data import load_arrays
+
+log = logging.getLogger(__name__)
+
+#: Training images used to calibrate int8 ranges.
+REPRESENTATIVE_IMAGES = 200
+
+
+def with_probabilities(model: keras.Model, temperature: float) -> keras.Model:
+    """Append temperature scaling and softmax, so the exported model returns calibrated probabilities."""
+    inputs = keras.Input(model.input_shape[1:], name="pixels")
+    logits = model(inputs)
+    scaled = keras.layers.Rescaling(1.0 / temperature, name="temperature")(logits)
+    return keras.Model(inputs, keras.layers.Softmax(name="probabilities")(scaled), name=f"{model.name}_calibrated")
+
+
+def convert(model: keras.Model, representative: np.ndarray | None = None) -> bytes:
+    """Float32 TFLite, or full-integer int8 (int8 input and output) when ``representative`` is given."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if representative is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None].astype(np.float32)] for image in representative)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+def card_document(*, name: str, version: str, input_size: int, melanoma_threshold: float,
+                  quantization: str, **extra: Any) -> dict[str, Any]:
+    """The fields the service needs, plus whatever training and evaluation add."""
+    return {
+        "name": name,
+        "version": version,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "labels": list(CLASS_NAMES),
+        "input": {
+            "size": input_size,
+            "channels": "RGB",
+            "values": "raw pixel values 0-255; the model scales them itself",
+            "resize": f"whole frame squashed to {input_size}x{input_size} ({RESAMPLE.name.lower()}), never cropped",
+        },
+        "output": "calibrated probabilities of the nine labels, in order",
+        "quantization": quantization,
+        "melanoma_threshold": melanoma_threshold,
+        "tensorflow_version": tf.__version__,
+        **extra,
+    }
+
+
+def save_tflite(model_bytes: bytes, path: Path, document: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model_bytes)
+    write_card(path, document)
+    return path
+
+
+def read_manifest(path: Path) -> list[ManifestRow]:
+    with path.open(newline="") as handle:
+        return [ManifestRow(**row) for row in csv.DictReader(handle)]
+
+
+def export_run(run_dir: Path, version: str | None = None) -> list[Path]:
+    """Export a training run's best model as float32 and int8 TFLite with checked cards."""
+    record = json.loads((run_dir / "training.json").read_text())
+    options = record["options"]
+    size = options["input_size"]
+    rows = read_manifest(run_dir / "manifest.csv")
+    keras_model = with_probabilities(keras.models.load_model(run_dir / "model.keras"), record["temperature"])
+
+    rng = np.random.default_rng(options["seed"])
+    train_rows = [r for r in rows if r.split == "train"]
+    picked = [train_rows[i] for i in rng.choice(len(train_rows), min(REPRESENTATIVE_IMAGES, len(train_rows)), replace=False)]
+    representative, _ = load_arrays(picked, size)
+    val_images, _ = load_arrays([r for r in rows if r.split == "val"], size)
+    reference = keras_model.predict(val_images.astype(np.float32), batch_size=64, verbose=0)
+
+    version = version or f"{options['arch']}{size}-{datetime.now(timezone.utc):%Y%m%d}"
+    training = {key: record[key] for key in (
+        "data_fingerprint", "train_images", "val_images", "best_epoch", "wall_seconds", "temperature",
+        "threshold_rule", "options")}
+    training["validation_keras"] = record["validation"]
+    paths = []
+    for quantization, data in (("float32", None), ("int8", representative)):
+        path = run_dir / "export" / f"dermwatch-{quantization}.tflite"
+        document = card_document(
+            name=f"dermwatch-{options['arch']}", version=f"{version}-{quantization}", input_size=size,
+            melanoma_threshold=record["melanoma_threshold"], quantization=quantization, training=training,
+        )
+        save_tflite(convert(keras_model, data), path, document)
+        check = agreement(Classifier(path, load_card(path), threads=2).predict(val_images), reference)
+        document["export_check"] = check
+        write_card(path, document)
+        log.info("%s: %d bytes; top-1 agreement with Keras %.4f, largest probability difference %.4f",
+                 path.name, path.stat().st_size, check["top1_agreement"], check["max_probability_difference"])
+        paths.append(path)
+    return paths
+
+
+def agreement(probabilities: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How closely a converted model follows the Keras model on the same images."""
+    return {
+        "images": int(len(reference)),
+        "top1_agreement": float((probabilities.argmax(1) == reference.argmax(1)).mean()),
+        "max_probability_difference": float(np.abs(probabilities - reference).max()),
+    }

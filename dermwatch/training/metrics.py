@@ -1,0 +1,115 @@
+"""Classification metrics in plain NumPy, shared by training, evaluation and export checks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dermwatch.labels import CLASS_NAMES, MELANOMA
+
+MELANOMA_INDEX = CLASS_NAMES.index(MELANOMA)
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int = len(CLASS_NAMES)) -> np.ndarray:
+    """Rows are true classes, columns predicted ones."""
+    matrix = np.zeros((n, n), dtype=np.int64)
+    np.add.at(matrix, (y_true, y_pred), 1)
+    return matrix
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y_true``."""
+    matrix = confusion(y_true, y_pred)
+    support = matrix.sum(axis=1)
+    present = support > 0
+    return float(np.mean(np.diag(matrix)[present] / support[present]))
+
+
+def roc_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with ties counted half); nan if one class."""
+    positive = positive.astype(bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct threshold, from (0,0) to (1,1)."""
+    order = np.argsort(-score, kind="stable")
+    positive = positive.astype(bool)[order]
+    distinct = np.r_[np.nonzero(np.diff(score[order]))[0], len(score) - 1]
+    tps = np.cumsum(positive)[distinct]
+    fps = (distinct + 1) - tps
+    return np.r_[0, fps / max(fps[-1], 1)], np.r_[0, tps / max(tps[-1], 1)]
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=float)
+    sorted_values = values[order]
+    boundaries = np.r_[0, np.nonzero(np.diff(sorted_values))[0] + 1, len(values)]
+    for start, stop in zip(boundaries[:-1], boundaries[1:]):
+        ranks[order[start:stop]] = (start + stop + 1) / 2
+    return ranks
+
+
+def sensitivity_specificity(positive: np.ndarray, flagged: np.ndarray) -> tuple[float, float]:
+    positive, flagged = positive.astype(bool), flagged.astype(bool)
+    sensitivity = (flagged & positive).sum() / max(positive.sum(), 1)
+    specificity = (~flagged & ~positive).sum() / max((~positive).sum(), 1)
+    return float(sensitivity), float(specificity)
+
+
+def expected_calibration_error(probabilities: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE: gap between confidence and accuracy, weighted over equal-width bins."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    error = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > low) & (confidence <= high)
+        if in_bin.any():
+            error += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(error)
+
+
+def melanoma_threshold(probabilities: np.ndarray, y_true: np.ndarray, sensitivity: float) -> float:
+    """Highest P(melanoma) threshold that still flags ``sensitivity`` of the melanomas."""
+    scores = np.sort(probabilities[y_true == MELANOMA_INDEX, MELANOMA_INDEX])[::-1]
+    if len(scores) == 0:
+        raise ValueError("no melanoma among the validation images: cannot choose a threshold")
+    needed = int(np.ceil(sensitivity * len(scores)))
+    return float(scores[needed - 1])
+
+
+def summarize(probabilities: np.ndarray, y_true: np.ndarray, threshold: float) -> dict:
+    """Every figure the model card reports, for one set of images."""
+    y_pred = probabilities.argmax(axis=1)
+    matrix = confusion(y_true, y_pred)
+    per_class = {}
+    for index, name in enumerate(CLASS_NAMES):
+        tp = matrix[index, index]
+        predicted, actual = matrix[:, index].sum(), matrix[index].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {
+            "precision": float(precision), "recall": float(recall), "f1": float(f1), "support": int(actual)
+        }
+    is_melanoma = y_true == MELANOMA_INDEX
+    sensitivity, specificity = sensitivity_specificity(
+        is_melanoma, probabilities[:, MELANOMA_INDEX] >= threshold
+    )
+    return {
+        "images": int(len(y_true)),
+        "accuracy": float((y_pred == y_true).mean()),
+        "balanced_accuracy": balanced_accuracy(y_true, y_pred),
+        "melanoma_roc_auc": roc_auc(is_melanoma, probabilities[:, MELANOMA_INDEX]),
+        "melanoma_images": int(is_melanoma.sum()),
+        "melanoma_sensitivity": sensitivity,
+        "melanoma_specificity": specificity,
+        "expected_calibration_error": expected_calibration_error(probabilities, y_true),
+        "per_class": per_class,
+        "confusion_matrix": matrix.tolist(),
+    }

@@ -1,0 +1,142 @@
+"""Train a network on audited data, keep its best validation epoch, and calibrate it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dermwatch.training.audit import Audit, ManifestRow
+from dermwatch.training.calibration import fit_temperature, softmax
+from dermwatch.training.data import class_weights, load_arrays, training_batches
+from dermwatch.training.metrics import MELANOMA_INDEX, balanced_accuracy, melanoma_threshold, roc_auc, summarize
+from dermwatch.training.model import build_model
+
+log = logging.getLogger(__name__)
+
+#: Melanoma sensitivity the alert threshold is chosen for, on validation images.
+TARGET_SENSITIVITY = 0.90
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    arch: str = "dermnet"
+    input_size: int = 160
+    width: int = 32
+    epochs: int = 50
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    balance: bool = True  # weight the loss by inverse class frequency
+
+
+def data_fingerprint(rows: list[ManifestRow]) -> str:
+    """sha256 over what training and validation used: content, label and split of each file."""
+    lines = sorted(f"{r.sha256},{r.resolved_label},{r.split}" for r in rows if r.split in {"train", "val"})
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+class KeepBestEpoch(keras.callbacks.Callback):
+    """Score validation after every epoch; keep the weights of the best one.
+
+    The score is balanced accuracy plus melanoma ROC AUC: the two things a clinic needs.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        super().__init__()
+        self.images, self.labels = images, labels
+        self.history: list[dict] = []
+        self.best_score, self.best_epoch, self.best_weights = -np.inf, -1, None
+        self.started = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logits = self.model.predict(self.images, batch_size=64, verbose=0)
+        predicted = logits.argmax(axis=1)
+        record = {
+            "epoch": epoch + 1,
+            "loss": float((logs or {}).get("loss", np.nan)),
+            "accuracy": float((logs or {}).get("accuracy", np.nan)),
+            "val_accuracy": float((predicted == self.labels).mean()),
+            "val_balanced_accuracy": balanced_accuracy(self.labels, predicted),
+            "val_melanoma_auc": roc_auc(self.labels == MELANOMA_INDEX, softmax(logits)[:, MELANOMA_INDEX]),
+            "seconds": round(time.monotonic() - self.started, 1),
+        }
+        self.history.append(record)
+        score = record["val_balanced_accuracy"] + record["val_melanoma_auc"]
+        if score > self.best_score:
+            self.best_score, self.best_epoch = score, epoch + 1
+            self.best_weights = self.model.get_weights()
+        log.info(
+            "epoch %(epoch)d: loss %(loss).3f acc %(accuracy).3f | val acc %(val_accuracy).3f "
+            "bal %(val_balanced_accuracy).3f mel-AUC %(val_melanoma_auc).3f | %(seconds).0fs",
+            record,
+        )
+
+
+def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
+    """Fit, keep the best epoch, calibrate, choose the melanoma threshold; save to ``out_dir``."""
+    keras.utils.set_random_seed(options.seed)
+    rows = audit.rows
+    train_rows = [r for r in rows if r.split == "train"]
+    val_rows = [r for r in rows if r.split == "val"]
+    log.info("loading %d training and %d validation images", len(train_rows), len(val_rows))
+    x_train, y_train = load_arrays(train_rows, options.input_size)
+    x_val, y_val = load_arrays(val_rows, options.input_size)
+
+    model = build_model(options.arch, options.input_size, width=options.width)
+    steps = options.epochs * int(np.ceil(len(x_train) / options.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, steps, warmup_target=options.learning_rate, warmup_steps=max(steps // 20, 1)
+    )
+    model.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=options.weight_decay),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    keeper = KeepBestEpoch(x_val.astype(np.float32), y_val)
+    started = time.monotonic()
+    model.fit(
+        training_batches(x_train, y_train, options.batch_size, options.seed),
+        epochs=options.epochs,
+        class_weight=class_weights(y_train) if options.balance else None,
+        callbacks=[keeper],
+        verbose=0,
+    )
+    wall_seconds = time.monotonic() - started
+    model.set_weights(keeper.best_weights)
+
+    val_logits = model.predict(x_val.astype(np.float32), batch_size=64, verbose=0)
+    temperature = fit_temperature(val_logits, y_val)
+    val_probabilities = softmax(val_logits / temperature)
+    threshold = melanoma_threshold(val_probabilities, y_val, TARGET_SENSITIVITY)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(out_dir / "model.keras")
+    record = {
+        "options": asdict(options),
+        "tensorflow_version": tf.__version__,
+        "data_fingerprint": data_fingerprint(rows),
+        "train_images": len(train_rows),
+        "val_images": len(val_rows),
+        "best_epoch": keeper.best_epoch,
+        "wall_seconds": round(wall_seconds, 1),
+        "temperature": temperature,
+        "melanoma_threshold": threshold,
+        "threshold_rule": f"highest P(melanoma) that flags >= {TARGET_SENSITIVITY:.0%} of validation melanomas",
+        "validation": summarize(val_probabilities, y_val, threshold),
+        "history": keeper.history,
+    }
+    (out_dir / "training.json").write_text(json.dumps(record, indent=2))
+    log.info(
+        "best epoch %d of %d; temperature %.2f; melanoma threshold %.3f; %.0f s",
+        keeper.best_epoch, options.epochs, temperature, threshold, wall_seconds,
+    )
+    return record

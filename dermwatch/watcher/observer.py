@@ -1,0 +1,76 @@
+"""watchdog events and periodic scans -> the settle tracker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileClosedNoWriteEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileOpenedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from dermwatch.pipeline.claim import is_candidate
+from dermwatch.watcher.settle import SettleTracker
+
+
+class IntakeHandler(FileSystemEventHandler):
+    """Reports every event on a candidate file to the tracker; ignores everything else."""
+
+    def __init__(self, tracker: SettleTracker) -> None:
+        self.tracker = tracker
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        if isinstance(event, FileMovedEvent):
+            self._if_candidate(event.src_path, self.tracker.forget)
+            self._if_candidate(event.dest_path, self.tracker.arrived_whole)
+        elif isinstance(event, FileOpenedEvent):
+            self._if_candidate(event.src_path, self.tracker.opened)
+        elif isinstance(event, FileClosedEvent):
+            self._if_candidate(event.src_path, lambda p: self.tracker.closed(p, wrote=True))
+        elif isinstance(event, FileClosedNoWriteEvent):
+            self._if_candidate(event.src_path, lambda p: self.tracker.closed(p, wrote=False))
+        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+            self._if_candidate(event.src_path, self.tracker.seen)
+
+    @staticmethod
+    def _if_candidate(raw: str | bytes, action) -> None:
+        path = Path(os.fsdecode(raw))
+        if is_candidate(path.name):
+            action(path)
+
+
+def start_observer(intake: Path, tracker: SettleTracker, *, polling: bool, poll_seconds: float = 1.0) -> BaseObserver:
+    """Watch ``intake`` recursively; inotify by default, stat polling for network shares."""
+    observer: BaseObserver = PollingObserver(timeout=poll_seconds) if polling else Observer()
+    observer.schedule(IntakeHandler(tracker), str(intake), recursive=True)
+    observer.daemon = True
+    observer.start()
+    return observer
+
+
+def scan(intake: Path, tracker: SettleTracker) -> int:
+    """Report every candidate file under ``intake``; return how many there are.
+
+    Symlinked folders are not followed but reported like files, so they are refused
+    with a reason instead of being skipped in silence.
+    """
+    found = 0
+    for folder, dirs, files in os.walk(intake):
+        links = [name for name in dirs if os.path.islink(os.path.join(folder, name))]
+        for name in [*files, *links]:
+            if is_candidate(name):
+                tracker.discovered(Path(folder) / name)
+                found += 1
+    return found

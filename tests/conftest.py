@@ -1,0 +1,149 @@
+"""Shared fixtures: a tiny real TFLite model, a config in a temporary folder, test images."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import create_engine
+
+from dermwatch.config import Settings, load_settings
+from dermwatch.store.queries import counts
+
+TINY_INPUT = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained but real network, converted to TFLite by the project's export code."""
+    import keras
+
+    from dermwatch.training.export import card_document, convert, save_tflite, with_probabilities
+    from dermwatch.training.model import build_model
+
+    keras.utils.set_random_seed(0)
+    model = with_probabilities(build_model("dermnet", TINY_INPUT, width=4), temperature=1.0)
+    path = tmp_path_factory.mktemp("model") / "tiny.tflite"
+    document = card_document(name="tiny-test-model", version="test", input_size=TINY_INPUT,
+                             melanoma_threshold=0.5, quantization="float32")
+    return save_tflite(convert(model), path, document)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, tiny_model: Path) -> Path:
+    """A config.toml whose folders and database all live under tmp_path."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[paths]
+intake = "intake"
+state = "state"
+reports = "reports"
+[database]
+url = "sqlite:///dermwatch.db"
+[model]
+path = "{tiny_model}"
+threads = 1
+[watcher]
+settle_seconds = 0.5
+rescan_seconds = 2
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def settings(config_file: Path) -> Settings:
+    return load_settings(config_file)
+
+
+def write_jpeg(path: Path, seed: int, size: tuple[int, int] = (96, 72), **save_options) -> Path:
+    """A random-noise JPEG: every seed gives different bytes."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, "JPEG", **save_options)
+    return path
+
+
+def totals(settings: Settings) -> dict[str, int]:
+    engine = create_engine(settings.database_url)
+    try:
+        return counts(engine)
+    finally:
+        engine.dispose()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s: {message}")
+
+
+class Service:
+    """`dermwatch run` in a subprocess, with a real NOTIFY_SOCKET to hear READY=1 from it."""
+
+    def __init__(self, config_file: Path, log_path: Path) -> None:
+        self.notify_path = config_file.parent / f"notify-{time.monotonic_ns()}.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.messages: list[str] = []
+        self.log = log_path.open("ab")
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dermwatch", "run", "--config", str(config_file)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        self.notify.settimeout(timeout)
+        while True:
+            try:
+                message = self.notify.recv(4096).decode()
+            except TimeoutError:
+                raise AssertionError("service sent no READY=1") from None
+            self.messages.append(message)
+            if "READY=1" in message.split("\n"):
+                return
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        code = self.process.wait(timeout)
+        self.close()
+        return code
+
+    def close(self) -> None:
+        self.notify.close()
+        self.notify_path.unlink(missing_ok=True)
+        self.log.close()
+
+
+@pytest.fixture
+def start_service(config_file: Path, tmp_path: Path) -> Iterator[Callable[[], Service]]:
+    started: list[Service] = []
+
+    def start() -> Service:
+        service = Service(config_file, tmp_path / "service.log")
+        started.append(service)
+        service.wait_ready()
+        return service
+
+    yield start
+    for service in started:
+        if service.process.poll() is None:
+            service.process.kill()
+            service.process.wait()
+        if not service.log.closed:
+            service.close()

@@ -1,0 +1,253 @@
+"""One image through the pipeline: every kind of bad input ends in the right place, with a reason."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from conftest import totals, write_jpeg
+from dermwatch.config import Settings
+from dermwatch.pipeline.process import Processor, open_processor
+from dermwatch.store.models import Image as ImageRow
+from dermwatch.store.models import Prediction, Rejection, Sighting
+
+
+@pytest.fixture
+def processor(settings: Settings) -> Processor:
+    return open_processor(settings)
+
+
+def run_one(processor: Processor, path: Path):
+    (outcome,) = processor.process([processor.claim(path)])
+    return outcome
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims width x height but holds almost nothing: a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_good_jpeg_is_classified_stored_and_archived(processor: Processor, settings: Settings) -> None:
+    source = write_jpeg(settings.paths.intake / "lesion 1.jpg", seed=1)
+    size = source.stat().st_size
+    outcome = run_one(processor, source)
+    assert outcome.status == "classified"
+    assert not source.exists()
+    with Session(processor.engine) as session:
+        image = session.scalars(select(ImageRow)).one()
+        prediction = session.scalars(select(Prediction)).one()
+        assert (image.original_name, image.bytes, image.width, image.height) == ("lesion 1.jpg", size, 96, 72)
+        assert Path(image.archive_path).is_file()
+        assert Path(image.archive_path).name.endswith("-lesion 1.jpg")
+        assert sum(prediction.probabilities().values()) == pytest.approx(1.0, abs=1e-4)
+        assert prediction.model_sha256 == processor.classifier.card.sha256
+        assert prediction.flagged == (prediction.melanoma_score >= 0.5)
+    assert list(settings.paths.work.iterdir()) == []
+
+
+def test_same_bytes_twice_gives_one_prediction_and_two_sightings(processor: Processor, settings: Settings) -> None:
+    first = write_jpeg(settings.paths.intake / "a.jpg", seed=2)
+    data = first.read_bytes()
+    assert run_one(processor, first).status == "classified"
+    again = settings.paths.intake / "b.jpg"
+    again.write_bytes(data)
+    assert run_one(processor, again).status == "seen before"
+    assert totals(settings) | {} == {"images": 1, "sightings": 2, "predictions": 1, "flagged": totals(settings)["flagged"],
+                                      "quarantined": 0}
+
+
+def test_same_bytes_twice_in_one_batch(processor: Processor, settings: Settings) -> None:
+    one = write_jpeg(settings.paths.intake / "one.jpg", seed=3)
+    two = settings.paths.intake / "two.jpg"
+    two.write_bytes(one.read_bytes())
+    outcomes = processor.process([processor.claim(one), processor.claim(two)])
+    assert [o.status for o in outcomes] == ["classified", "seen before"]
+    counts = totals(settings)
+    assert (counts["predictions"], counts["sightings"]) == (1, 2)
+
+
+def _truncated(path: Path) -> Path:
+    data = write_jpeg(path, seed=4, size=(400, 300)).read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _cmyk(path: Path) -> Path:
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (60, 80, 4), dtype=np.uint8), "CMYK").save(path, "JPEG")
+    return path
+
+
+def _alpha(path: Path) -> Path:
+    rng = np.random.default_rng(6)
+    pixels = rng.integers(0, 256, (60, 80, 4), dtype=np.uint8)
+    pixels[:30, :, 3] = 0
+    Image.fromarray(pixels, "RGBA").save(path, "PNG")
+    return path
+
+
+def _sixteen_bit(path: Path) -> Path:
+    ramp = np.linspace(0, 65535, 64 * 48, dtype=np.uint16).reshape(48, 64)
+    Image.fromarray(ramp).save(path, "PNG")
+    return path
+
+
+def _exif_rotated(path: Path) -> Path:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    return write_jpeg(path, seed=7, size=(120, 60), exif=exif.tobytes())
+
+
+def _text(path: Path) -> Path:
+    path.write_text("this is a referral letter, not a photograph\n")
+    return path
+
+
+def _empty(path: Path) -> Path:
+    path.write_bytes(b"")
+    return path
+
+
+def _tiny(path: Path) -> Path:
+    return write_jpeg(path, seed=8, size=(8, 8))
+
+
+def _gif(path: Path) -> Path:
+    Image.new("RGB", (64, 64), "red").save(path, "GIF")
+    return path
+
+
+REJECTED = {
+    "truncated.jpg": (_truncated, "damaged or truncated"),
+    "empty.jpg": (_empty, "empty file"),
+    "letter.jpg": (_text, "not an image file"),
+    "bomb.png": (lambda p: png_header_only(p, 30000, 30000), "over the limit of 50000000"),
+    "icon.jpg": (_tiny, "smaller than 32 pixels"),
+    "anim.gif": (_gif, "unsupported image format GIF"),
+}
+
+ACCEPTED = {
+    "alpha.png": (_alpha, (80, 60)),
+    "cmyk.jpg": (_cmyk, (80, 60)),
+    "sixteen.png": (_sixteen_bit, (64, 48)),
+    "rotated.jpg": (_exif_rotated, (60, 120)),  # stored upright: sides swapped
+}
+
+
+@pytest.mark.parametrize("name", sorted(REJECTED))
+def test_unusable_file_is_quarantined_with_its_reason(processor: Processor, settings: Settings, name: str) -> None:
+    make, reason = REJECTED[name]
+    path = make(settings.paths.intake / name)
+    outcome = run_one(processor, path)
+    assert outcome.status == "rejected"
+    assert reason in outcome.detail
+    with Session(processor.engine) as session:
+        rejection = session.scalars(select(Rejection)).one()
+        assert rejection.original_name == name and reason in rejection.reason
+        assert Path(rejection.quarantine_path).is_file()
+    assert totals(settings)["predictions"] == 0
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_unusual_but_valid_image_is_classified(processor: Processor, settings: Settings, name: str) -> None:
+    make, upright_size = ACCEPTED[name]
+    outcome = run_one(processor, make(settings.paths.intake / name))
+    assert outcome.status == "classified", outcome.detail
+    with Session(processor.engine) as session:
+        image = session.scalars(select(ImageRow)).one()
+        assert (image.width, image.height) == upright_size
+
+
+def test_exif_rotation_reaches_the_model_upright() -> None:
+    from dermwatch.pipeline.decode import read_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = np.zeros((60, 120, 3), dtype=np.uint8)
+    pixels[:, :60] = 255  # left half white as stored; the top half once rotated clockwise
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", exif=exif.tobytes())
+    upright = np.asarray(read_rgb(buffer.getvalue(), max_pixels=10**6).image)
+    assert upright.shape == (120, 60, 3)
+    assert upright[:50].mean() > 200 and upright[70:].mean() < 50
+
+
+def test_symlink_is_refused_and_its_target_untouched(processor: Processor, settings: Settings, tmp_path: Path) -> None:
+    target = write_jpeg(tmp_path / "elsewhere" / "private.jpg", seed=9)
+    link = settings.paths.intake / "link.jpg"
+    link.symlink_to(target)
+    outcome = run_one(processor, link)
+    assert outcome.status == "rejected" and "symbolic link" in outcome.detail
+    assert target.is_file() and not link.exists()
+    assert totals(settings)["predictions"] == 0
+
+
+def test_sidecar_is_stored_with_the_image(processor: Processor, settings: Settings) -> None:
+    image = write_jpeg(settings.paths.intake / "back.jpg", seed=10)
+    sidecar = {"patient_reference": "P-0042", "body_site": "left shoulder", "notes": "changed colour"}
+    (settings.paths.intake / "back.json").write_text(json.dumps(sidecar))
+    assert run_one(processor, image).status == "classified"
+    with Session(processor.engine) as session:
+        row = session.scalars(select(ImageRow)).one()
+        assert row.sidecar == sidecar
+        assert Path(row.archive_path).with_suffix(".json").is_file()
+    assert not (settings.paths.intake / "back.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [("{not json", "not valid JSON"), ('["a"]', "JSON object"), ('{"patient_refrence": "P-1"}', "unknown key"),
+     ('{"body_site": 3}', "must be text")],
+)
+def test_bad_sidecar_quarantines_image_and_sidecar(processor: Processor, settings: Settings, content: str,
+                                                   reason: str) -> None:
+    image = write_jpeg(settings.paths.intake / "arm.jpg", seed=11)
+    (settings.paths.intake / "arm.json").write_text(content)
+    outcome = run_one(processor, image)
+    assert outcome.status == "rejected" and reason in outcome.detail
+    quarantined = sorted(p.name.partition("__")[2] for p in settings.paths.quarantine.iterdir())
+    assert quarantined == ["arm.jpg", "arm.json"]
+
+
+def test_a_file_that_vanished_before_its_claim_is_skipped(processor: Processor, settings: Settings) -> None:
+    assert processor.claim(settings.paths.intake / "gone.jpg") is None
+    assert totals(settings) == {"images": 0, "sightings": 0, "predictions": 0, "flagged": 0, "quarantined": 0}
+
+
+def test_recover_finishes_a_committed_arrival_without_counting_it_twice(processor: Processor,
+                                                                        settings: Settings) -> None:
+    source = write_jpeg(settings.paths.intake / "c.jpg", seed=12)
+    item = processor.claim(source)
+    processor.process([item])
+    # Simulate a crash between commit and archive: put the file back into work/.
+    with Session(processor.engine) as session:
+        archived = Path(session.scalars(select(ImageRow)).one().archive_path)
+    archived.rename(item.work_path)
+    outcomes = processor.recover()
+    assert [o.status for o in outcomes] == ["classified"]
+    assert totals(settings)["sightings"] == 1
+    assert archived.is_file() and not item.work_path.exists()
+
+
+def test_one_sighting_per_arrival_is_recorded_with_its_time(processor: Processor, settings: Settings) -> None:
+    run_one(processor, write_jpeg(settings.paths.intake / "d.jpg", seed=13))
+    with Session(processor.engine) as session:
+        sighting = session.scalars(select(Sighting)).one()
+        assert sighting.received_at.tzinfo is not None
