@@ -213,10 +213,10 @@ class Processor:
 
 
 def open_processor(settings: Settings) -> Processor:
-    """Check the schema, load the model, create the folders: what `run` and `process` share."""
+    """Load the model, check the schema, create the folders: what `run` and `process` share."""
+    classifier = load_classifier(settings.model.path, settings.model.threads)
     engine = make_engine(settings.database_url)
     ensure_schema(engine)
-    classifier = load_classifier(settings.model.path, settings.model.threads)
     ensure_folders(settings)
     return Processor(settings.paths, engine, classifier, settings.max_pixels)
 

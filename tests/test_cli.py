@@ -1,0 +1,97 @@
+"""The command line as a user meets it: output formats, status, schema commands, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import create_engine, text
+
+from conftest import write_jpeg
+from dermwatch.cli import cli
+from dermwatch.config import Settings
+from dermwatch.labels import CLASS_NAMES
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_classify_csv_has_the_promised_header_and_moves_nothing(config_file: Path, tmp_path: Path) -> None:
+    images = [write_jpeg(tmp_path / "pics" / f"{i}.jpg", seed=i) for i in range(3)]
+    result = invoke("classify", "--config", str(config_file), "--format", "csv", str(tmp_path / "pics"))
+    assert result.exit_code == 0, result.output
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == ["path", *CLASS_NAMES, "label", "flagged"]
+    assert [Path(r[0]).name for r in rows[1:]] == ["0.jpg", "1.jpg", "2.jpg"]
+    for row in rows[1:]:
+        assert sum(float(p) for p in row[1:10]) == pytest.approx(1.0, abs=1e-3)
+        assert row[10] in CLASS_NAMES and row[11] in {"True", "False"}
+    assert all(p.is_file() for p in images)
+    assert not (tmp_path / "dermwatch.db").exists()
+
+
+def test_classify_json_and_an_unreadable_file(config_file: Path, tmp_path: Path) -> None:
+    good = write_jpeg(tmp_path / "good.jpg", seed=1)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("hello")
+    result = invoke("classify", "--config", str(config_file), "--format", "json", str(good), str(bad))
+    assert result.exit_code == 1
+    (row,) = json.loads(result.stdout)
+    assert row["path"] == str(good) and set(CLASS_NAMES) <= set(row) and isinstance(row["flagged"], bool)
+    assert f"error: {bad}: not an image file Pillow can read" in result.stderr
+
+
+def test_process_then_status(config_file: Path, settings: Settings, tmp_path: Path) -> None:
+    folder = tmp_path / "batch"
+    for i in range(20):
+        write_jpeg(folder / f"{i:02d}.jpg", seed=100 + i)
+    (folder / "notes.jpg").write_text("not an image")
+    result = invoke("process", "--config", str(config_file), str(folder))
+    assert result.exit_code == 0, result.output
+    assert "20 classified, 1 rejected" in result.stdout
+    assert "rejected: notes.jpg: not an image file" in result.stderr
+    status = json.loads(invoke("status", "--config", str(config_file), "--json").stdout)
+    assert {k: status[k] for k in ("images", "predictions", "quarantined", "pending")} == {
+        "images": 20, "predictions": 20, "quarantined": 1, "pending": 0}
+    assert status["flagged"] >= 0 and status["model"].startswith("tiny-test-model test")
+    assert status["db_revision"] == status["db_head"] == "0001"
+
+
+def test_db_check_and_an_out_of_date_schema(config_file: Path, settings: Settings) -> None:
+    assert invoke("db", "check", "--config", str(config_file)).exit_code == 1
+    assert "database at revision 0001" in invoke("db", "upgrade", "--config", str(config_file)).stdout
+    assert invoke("db", "check", "--config", str(config_file)).exit_code == 0
+    engine = create_engine(settings.database_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0000'"))
+    engine.dispose()
+    result = subprocess.run([sys.executable, "-m", "dermwatch", "run", "--config", str(config_file)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: database schema is at revision 0000, this version needs 0001: "
+        "run `dermwatch db upgrade` (back up the database first)")
+
+
+def test_config_error_is_one_line_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "config.toml"
+    bad.write_text("[watcher]\nsettle = 1\n")
+    result = subprocess.run([sys.executable, "-m", "dermwatch", "status", "--config", str(bad)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == f"error: {bad}: unknown key [watcher] settle\n"
+
+
+def test_status_without_a_model_says_what_is_missing(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[model]\npath = "none.tflite"\n')
+    status = json.loads(invoke("status", "--config", str(config), "--json").stdout)
+    assert status["model"] is None and "does not exist" in status["model_error"]
+    assert status["db_revision"] is None

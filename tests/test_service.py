@@ -1,0 +1,170 @@
+"""`dermwatch run` as a real subprocess on real folders: bursts, slow writers, kills, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.orm import Session
+
+from conftest import totals, wait_until, write_jpeg
+from dermwatch.config import Settings, load_settings
+from dermwatch.store.models import Image as ImageRow
+from dermwatch.store.models import Sighting
+
+
+def drop(intake: Path, name: str, seed: int, size: tuple[int, int] = (96, 72)) -> Path:
+    """Write elsewhere in the same filesystem, then rename in: how a careful client delivers."""
+    staging = intake.parent / "staging"
+    staging.mkdir(exist_ok=True)
+    return write_jpeg(staging / name, seed, size).rename(intake / name)
+
+
+def all_outcomes(settings: Settings) -> int:
+    counts = totals(settings)
+    return counts["sightings"] + counts["quarantined"]
+
+
+def test_ready_is_sent_over_notify_socket_and_sigterm_exits_zero(start_service, settings: Settings) -> None:
+    service = start_service()
+    assert any("READY=1" in m for m in service.messages)
+    assert service.stop() == 0
+
+
+def test_burst_of_200_images_gives_200_predictions(start_service, settings: Settings) -> None:
+    service = start_service()
+    for i in range(200):
+        write_jpeg(settings.paths.intake / f"burst-{i:03d}.jpg", seed=1000 + i)
+    wait_until(lambda: totals(settings)["predictions"] == 200, 120, "200 predictions")
+    assert service.stop() == 0
+    counts = totals(settings)
+    assert (counts["images"], counts["sightings"], counts["quarantined"]) == (200, 200, 0)
+    assert list(settings.paths.intake.iterdir()) == [] and list(settings.paths.work.iterdir()) == []
+    assert sum(1 for _ in settings.paths.archive.rglob("*.jpg")) == 200
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_file_written_slowly_is_processed_once_when_complete(config_file: Path, start_service, polling: bool) -> None:
+    if polling:
+        config_file.write_text(config_file.read_text() + "polling = true\n")
+    settings = load_settings(config_file)
+    service = start_service()
+    data = write_jpeg(config_file.parent / "whole.jpg", seed=7, size=(640, 480)).read_bytes()
+    target = settings.paths.intake / "slow.jpg"
+    with target.open("wb") as handle:
+        for i in range(12):  # 12 chunks, 0.25 s apart: about 3 s
+            handle.write(data[i * len(data) // 12 : (i + 1) * len(data) // 12])
+            handle.flush()
+            time.sleep(0.25)
+            assert totals(settings)["predictions"] + totals(settings)["quarantined"] == 0
+    wait_until(lambda: all_outcomes(settings) == 1, 30, "the slow file processed")
+    time.sleep(1.5)
+    assert service.stop() == 0
+    counts = totals(settings)
+    assert (counts["predictions"], counts["quarantined"]) == (1, 0)
+    with Session(create_engine(settings.database_url)) as session:
+        assert session.scalars(select(ImageRow)).one().bytes == len(data)
+
+
+def test_same_bytes_dropped_twice_into_the_service(start_service, settings: Settings) -> None:
+    service = start_service()
+    first = drop(settings.paths.intake, "first.jpg", seed=21)
+    wait_until(lambda: totals(settings)["sightings"] == 1, 30, "first sighting")
+    copy = settings.paths.intake.parent / "copy.jpg"
+    copy.write_bytes((settings.paths.archive.rglob("*-first.jpg").__next__()).read_bytes())
+    copy.rename(settings.paths.intake / "second.jpg")
+    wait_until(lambda: totals(settings)["sightings"] == 2, 30, "second sighting")
+    assert service.stop() == 0
+    counts = totals(settings)
+    assert (counts["images"], counts["predictions"], counts["sightings"]) == (1, 1, 2)
+    assert not first.exists()
+
+
+def test_ignored_names_stay_in_intake(start_service, settings: Settings) -> None:
+    service = start_service()
+    for name in (".hidden.jpg", "~lock.jpg", "upload.jpg.part", "upload.tmp", "orphan.json"):
+        (settings.paths.intake / name).write_bytes(b"not yet")
+    drop(settings.paths.intake, "real.jpg", seed=22)
+    wait_until(lambda: totals(settings)["sightings"] == 1, 30, "the real image")
+    time.sleep(1.0)
+    assert service.stop() == 0
+    assert sorted(p.name for p in settings.paths.intake.iterdir()) == sorted(
+        [".hidden.jpg", "~lock.jpg", "upload.jpg.part", "upload.tmp", "orphan.json"])
+    assert totals(settings)["quarantined"] == 0
+
+
+def test_files_already_waiting_are_taken_by_the_startup_scan(start_service, settings: Settings) -> None:
+    settings.paths.intake.mkdir(parents=True, exist_ok=True)
+    for i in range(5):
+        write_jpeg(settings.paths.intake / "sub" / f"early-{i}.jpg", seed=30 + i)
+    service = start_service()
+    wait_until(lambda: totals(settings)["predictions"] == 5, 30, "5 early files")
+    assert service.stop() == 0
+
+
+@pytest.mark.parametrize("kill_after", [3, 25, 60, 110], ids=lambda n: f"after-{n}")
+def test_kill_9_mid_burst_then_restart_processes_every_image_exactly_once(start_service, settings: Settings,
+                                                                          kill_after: int) -> None:
+    service = start_service()
+    total = 150
+    writer = threading.Thread(
+        target=lambda: [drop(settings.paths.intake, f"k{i:03d}.jpg", seed=5000 + i) for i in range(total)]
+    )
+    writer.start()
+    wait_until(lambda: totals(settings)["sightings"] >= kill_after, 90, f"{kill_after} images before the kill")
+    service.process.send_signal(signal.SIGKILL)
+    service.process.wait()
+    service.close()
+    writer.join()
+    restarted = start_service()
+    wait_until(lambda: totals(settings)["sightings"] == total, 120, "every image after restart")
+    time.sleep(1.0)
+    assert restarted.stop() == 0
+    counts = totals(settings)
+    assert (counts["images"], counts["predictions"], counts["sightings"], counts["quarantined"]) == (
+        total, total, total, 0)
+    with Session(create_engine(settings.database_url)) as session:
+        names = session.scalars(select(Sighting.original_name)).all()
+        assert sorted(names) == [f"k{i:03d}.jpg" for i in range(total)]
+        assert session.scalar(select(func.count(func.distinct(ImageRow.sha256)))) == total
+    assert list(settings.paths.work.iterdir()) == []
+    assert sum(1 for _ in settings.paths.archive.rglob("*.jpg")) == total
+
+
+def test_sigterm_mid_burst_exits_zero_and_leaves_nothing_half_done(start_service, settings: Settings) -> None:
+    service = start_service()
+    for i in range(60):
+        drop(settings.paths.intake, f"t{i:02d}.jpg", seed=7000 + i)
+    wait_until(lambda: totals(settings)["sightings"] >= 5, 60, "some images processed")
+    assert service.stop() == 0
+    done = totals(settings)["sightings"]
+    # Everything is either finished (archived with a row) or untouched in intake.
+    assert list(settings.paths.work.iterdir()) == []
+    assert sum(1 for _ in settings.paths.archive.rglob("*.jpg")) == done
+    assert len(list(settings.paths.intake.iterdir())) == 60 - done
+
+
+def test_run_refuses_to_start_without_a_model(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[model]\npath = "missing.tflite"\n')
+    result = subprocess.run([sys.executable, "-m", "dermwatch", "run", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: model file {tmp_path / 'missing.tflite'} does not exist"]
+
+
+def test_importing_the_service_does_not_import_tensorflow() -> None:
+    code = (
+        "import sys, dermwatch.cli, dermwatch.watcher.service, dermwatch.pipeline.process, "
+        "dermwatch.pipeline.classifier; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'tensorflow', 'keras'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]"
