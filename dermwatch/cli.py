@@ -17,7 +17,9 @@ from dermwatch.labels import CLASS_NAMES, MELANOMA
 from dermwatch.pipeline.claim import is_candidate
 
 # Training commands need TensorFlow-side packages, so they are imported only when asked for.
-_TRAINING_COMMANDS = {"audit": "audit_command", "train": "train_command"}
+_TRAINING_COMMANDS = {
+    "audit": "audit_command", "train": "train_command", "export": "export_command", "evaluate": "evaluate_command",
+}
 
 
 class DermwatchGroup(click.Group):

@@ -163,22 +163,26 @@ def _resolve(folder_labels: set[str], truth: Truth | None) -> tuple[str | None, 
 
 
 def _drop_repeated_copies(rows: list[ManifestRow]) -> list[str]:
-    """Keep one file per content within each origin; Train/Test repeats are leaks, not drops."""
-    first: dict[tuple[str, str], ManifestRow] = {}
-    repeats: list[str] = []
+    """Keep one file per content within each origin; Train/Test repeats are leaks, not drops.
+
+    The kept copy is the one named plainly by its id (ISIC_0025601.jpg over ISIC_0025601(1).jpg).
+    """
+    copies: dict[tuple[str, str], list[ManifestRow]] = defaultdict(list)
     for row in rows:
-        key = (row.sha256, row.origin)
-        if key not in first:
-            first[key] = row
-            continue
-        kept = first[key]
-        if not row.dropped:
-            row.dropped = f"byte-identical copy of {kept.path}"
-        if row.folder_label == kept.folder_label:
-            repeats.append(f"{Path(kept.path).name} = {Path(row.path).name} ({row.folder_label})")
+        copies[row.sha256, row.origin].append(row)
+    repeats: list[str] = []
+    for group in copies.values():
+        kept = min(group, key=lambda r: (Path(r.path).stem != r.image_id, len(r.path), r.path))
+        for row in group:
+            if row is kept:
+                continue
+            if not row.dropped:
+                row.dropped = f"byte-identical copy of {kept.path}"
+            if row.folder_label == kept.folder_label:
+                repeats.append(f"{Path(kept.path).name} = {Path(row.path).name} ({row.folder_label})")
     if not repeats:
         return []
-    return [f"byte-identical pairs within one class: {len(repeats)} ({'; '.join(repeats)})"]
+    return [f"byte-identical pairs within one class: {len(repeats)} ({'; '.join(sorted(repeats))})"]
 
 
 def _lesion_groups(rows: list[ManifestRow], truths: dict[str, Truth]) -> dict[int, list[int]]:

@@ -68,3 +68,72 @@ def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_d
         f"accuracy {validation['accuracy']:.3f}, balanced {validation['balanced_accuracy']:.3f}, "
         f"melanoma AUC {validation['melanoma_roc_auc']:.3f}; saved to {out_dir}"
     )
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--version", help="Version recorded in the model card (default: ARCH+SIZE-YYYYMMDD).")
+@click.option("--ship", is_flag=True,
+              help="Copy the chosen model into the package (dermwatch/models/) as the service's default.")
+def export_command(run_dir: Path, version: str | None, ship: bool) -> None:
+    """Convert a training run to float32 and int8 TFLite, check and score both."""
+    from dermwatch.modelcard import load_card, shipped_model_path
+    from dermwatch.training.export import choose_shipped, export_run
+    from dermwatch.training.export import ship as ship_model
+
+    paths = export_run(run_dir, version)
+    for path in paths:
+        card = load_card(path).document
+        check, sets = card["export_check"], card["evaluation"]["sets"]
+        click.echo(f"{path} ({path.stat().st_size} bytes): top-1 agreement with Keras "
+                   f"{check['top1_agreement']:.4f}, largest probability difference "
+                   f"{check['max_probability_difference']:.4f}")
+        for name, metrics in sets.items():
+            click.echo(f"  {name:>15}: {_metrics_line(metrics)}")
+    chosen = choose_shipped(paths)
+    click.echo(f"chosen for shipping: {chosen.name}")
+    if ship:
+        click.echo(f"shipped as {ship_model(chosen, shipped_model_path().parent)}")
+
+
+@click.command("evaluate")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@data_option
+@ground_truth_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the results as JSON here (default: print only).")
+@click.option("--html", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write an HTML model card with these results here.")
+def evaluate_command(model: Path, data_roots: tuple[Path, ...], ground_truth: Path | None, out: Path | None,
+                     html: Path | None) -> None:
+    """Score a TFLite MODEL on validation, Test as published and leak-free Test."""
+    import json
+
+    from dermwatch.errors import DataError
+    from dermwatch.modelcard import load_card
+    from dermwatch.training.card_html import render_card_html
+    from dermwatch.training.evaluate import evaluate_model
+    from dermwatch.training.train import data_fingerprint
+
+    card = load_card(model).document
+    training = card.get("training", {})
+    result = audit(list(data_roots), ground_truth, seed=training.get("options", {}).get("seed", 0))
+    if training and data_fingerprint(result.rows) != training["data_fingerprint"]:
+        raise DataError(
+            "these data do not give the training/validation split this model was trained on "
+            "(fingerprint differs): pass the same --data roots and --ground-truth as for training"
+        )
+    results = evaluate_model(model, result.rows)
+    for name, metrics in results["sets"].items():
+        click.echo(f"{name:>15}: {_metrics_line(metrics)}")
+    if out:
+        out.write_text(json.dumps(results, indent=2))
+    if html:
+        render_card_html({**card, "evaluation": results}, html)
+
+
+def _metrics_line(m: dict) -> str:
+    return (f"{m['images']} images, accuracy {m['accuracy']:.3f}, balanced {m['balanced_accuracy']:.3f}, "
+            f"melanoma AUC {m['melanoma_roc_auc']:.3f}, sensitivity {m['melanoma_sensitivity']:.3f} "
+            f"specificity {m['melanoma_specificity']:.3f} (of {m['melanoma_images']} melanomas), "
+            f"ECE {m['expected_calibration_error']:.3f}")

@@ -14,11 +14,13 @@ import numpy as np
 import tensorflow as tf
 
 from dermwatch.labels import CLASS_NAMES
-from dermwatch.modelcard import load_card, write_card
+from dermwatch.modelcard import SHIPPED_MODEL_NAME, load_card, write_card
 from dermwatch.pipeline.classifier import Classifier
 from dermwatch.preprocess import RESAMPLE
 from dermwatch.training.audit import ManifestRow
+from dermwatch.training.card_html import render_card_html
 from dermwatch.training.data import load_arrays
+from dermwatch.training.evaluate import evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,11 @@ def read_manifest(path: Path) -> list[ManifestRow]:
 
 
 def export_run(run_dir: Path, version: str | None = None) -> list[Path]:
-    """Export a training run's best model as float32 and int8 TFLite with checked cards."""
+    """Export a training run's best model as float32 and int8 TFLite with checked cards.
+
+    Each is then scored through LiteRT on validation and Test (see evaluate.py); the
+    scores go into its card, next to an HTML rendering of the card.
+    """
     record = json.loads((run_dir / "training.json").read_text())
     options = record["options"]
     size = options["input_size"]
@@ -98,7 +104,7 @@ def export_run(run_dir: Path, version: str | None = None) -> list[Path]:
     version = version or f"{options['arch']}{size}-{datetime.now(timezone.utc):%Y%m%d}"
     training = {key: record[key] for key in (
         "data_fingerprint", "train_images", "val_images", "best_epoch", "wall_seconds", "temperature",
-        "threshold_rule", "options")}
+        "threshold_rule", "options", "history")}
     training["validation_keras"] = record["validation"]
     paths = []
     for quantization, data in (("float32", None), ("int8", representative)):
@@ -110,11 +116,38 @@ def export_run(run_dir: Path, version: str | None = None) -> list[Path]:
         save_tflite(convert(keras_model, data), path, document)
         check = agreement(Classifier(path, load_card(path), threads=2).predict(val_images), reference)
         document["export_check"] = check
+        document["evaluation"] = evaluate_model(path, rows)
         write_card(path, document)
+        render_card_html(load_card(path).document, path.with_suffix(".html"))
         log.info("%s: %d bytes; top-1 agreement with Keras %.4f, largest probability difference %.4f",
                  path.name, path.stat().st_size, check["top1_agreement"], check["max_probability_difference"])
         paths.append(path)
     return paths
+
+
+def choose_shipped(paths: list[Path], tolerance: float = 0.01) -> Path:
+    """int8 if its leak-free Test metrics stay within ``tolerance`` of float32's, else float32."""
+    cards = {load_card(p).document["quantization"]: p for p in paths}
+    float_sets = load_card(cards["float32"]).document["evaluation"]["sets"]
+    int8_sets = load_card(cards["int8"]).document["evaluation"]["sets"]
+    key = "test_leak_free" if "test_leak_free" in float_sets else "validation"
+    within = all(
+        float_sets[key][metric] - int8_sets[key][metric] <= tolerance
+        for metric in ("accuracy", "balanced_accuracy", "melanoma_roc_auc", "melanoma_sensitivity",
+                       "melanoma_specificity")
+    )
+    return cards["int8"] if within else cards["float32"]
+
+
+def ship(model_path: Path, models_dir: Path) -> Path:
+    """Copy a model, its card and its HTML card into the package as the default model."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    target = models_dir / SHIPPED_MODEL_NAME
+    target.write_bytes(model_path.read_bytes())
+    document = load_card(model_path).document
+    write_card(target, {key: value for key, value in document.items() if key not in ("sha256", "file")})
+    render_card_html(load_card(target).document, target.with_suffix(".html"))
+    return target
 
 
 def agreement(probabilities: np.ndarray, reference: np.ndarray) -> dict[str, float]:

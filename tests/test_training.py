@@ -1,0 +1,189 @@
+"""Audit, split, preprocessing parity, and a tiny train -> export -> LiteRT run on made-up images."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import write_jpeg
+from dermwatch.cli import cli
+from dermwatch.labels import CLASS_NAMES
+from dermwatch.training.audit import audit
+
+# Each class gets its own hue, so a tiny network has something real to learn.
+HUES = {label: i * 28 for i, label in enumerate(CLASS_NAMES)}
+
+
+def lesion_image(path: Path, label: str, seed: int, size: int = 64) -> Path:
+    """A blob of the class's hue on skin-coloured noise; different bytes for every seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:size, :size]
+    radius = rng.uniform(0.2, 0.35) * size
+    centre = rng.uniform(0.4, 0.6, 2) * size
+    blob = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 < radius**2
+    hsv = np.empty((size, size, 3), dtype=np.uint8)
+    hsv[..., 0] = np.where(blob, HUES[label], 15)
+    hsv[..., 1] = np.where(blob, 200, 90) + rng.integers(0, 30, (size, size))
+    hsv[..., 2] = np.where(blob, 120, 210) + rng.integers(0, 30, (size, size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(hsv, "HSV").convert("RGB").save(path, "JPEG", quality=95)
+    return path
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> dict[str, Path]:
+    """A small data set with every defect the real one has, planted on purpose."""
+    root = tmp_path / "isic9"
+    seed = 0
+    for label in CLASS_NAMES:
+        for i in range(8):
+            seed += 1
+            lesion_image(root / "Train" / label / f"ISIC_{seed:07d}.jpg", label, seed)
+        for i in range(2):
+            seed += 1
+            lesion_image(root / "Test" / label / f"ISIC_{seed:07d}.jpg", label, seed)
+    train, test = root / "Train", root / "Test"
+    # A twin under two classes that the ground truth settles (it is actinic keratosis) ...
+    twin = lesion_image(train / "actinic keratosis" / "ISIC_0100001.jpg", "actinic keratosis", 9001)
+    (train / "nevus" / "ISIC_0100001.jpg").write_bytes(twin.read_bytes())
+    # ... and one it does not know.
+    conflict = lesion_image(train / "melanoma" / "ISIC_0100002.jpg", "melanoma", 9002)
+    (train / "seborrheic keratosis" / "ISIC_0100002.jpg").write_bytes(conflict.read_bytes())
+    # A stray copy within one class.
+    stray = next((train / "actinic keratosis").iterdir())
+    (stray.parent / f"{stray.stem}(1).jpg").write_bytes(stray.read_bytes())
+    # Two photos of one lesion (ground truth lesion id), and a third in Test: a leak.
+    for n, where in ((1, train), (2, train), (3, test)):
+        lesion_image(where / "nevus" / f"ISIC_020000{n}.jpg", "nevus", 9100 + n)
+    # The same bytes in Train and Test under different labels.
+    leak = lesion_image(train / "melanoma" / "ISIC_0300000.jpg", "melanoma", 9200)
+    (test / "seborrheic keratosis" / "ISIC_0300000.jpg").write_bytes(leak.read_bytes())
+    # A re-encoded copy with different bytes but the same picture.
+    near = lesion_image(train / "dermatofibroma" / "ISIC_0400000.jpg", "dermatofibroma", 9300)
+    Image.open(near).save(train / "dermatofibroma" / "ISIC_0400001.jpg", "JPEG", quality=80)
+
+    truth = tmp_path / "ground_truth.csv"
+    with truth.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "lesion_id", "diagnosis"])
+        writer.writerow(["ISIC_0100001", "", "AK"])
+        for n in (1, 2, 3):
+            writer.writerow([f"ISIC_020000{n}", "HAM_0000042", "NV"])
+    return {"root": root, "truth": truth}
+
+
+def rows_by_name(rows):
+    grouped = defaultdict(list)
+    for row in rows:
+        grouped[Path(row.path).name].append(row)
+    return grouped
+
+
+def test_audit_finds_and_resolves_every_planted_defect(planted: dict[str, Path]) -> None:
+    result = audit([planted["root"]], planted["truth"])
+    rows = rows_by_name(result.rows)
+    text = "\n".join(result.findings)
+
+    assert "filed under both actinic keratosis and nevus: 1" in text
+    assert {r.resolved_label for r in rows["ISIC_0100001.jpg"]} == {"actinic keratosis"}
+    assert sum(bool(r.dropped) for r in rows["ISIC_0100001.jpg"]) == 1  # one copy kept
+
+    assert "filed under both melanoma and seborrheic keratosis: 2" in text
+    assert all("does not settle" in r.dropped for r in rows["ISIC_0100002.jpg"])
+
+    assert "byte-identical pairs within one class: 1" in text
+    (copy,) = [r for name, rs in rows.items() if "(1)" in name for r in rs]
+    assert copy.dropped.startswith("byte-identical copy of")
+
+    siblings = rows["ISIC_0200001.jpg"] + rows["ISIC_0200002.jpg"] + rows["ISIC_0200003.jpg"]
+    assert {r.lesion_group for r in siblings} == {"HAM_0000042"}
+    assert rows["ISIC_0200003.jpg"][0].split == "test_leaky"
+    assert "lesions photographed more than once (ground-truth lesion ids): 1 lesions, 3 distinct images" in text
+
+    (test_twin,) = [r for r in rows["ISIC_0300000.jpg"] if r.origin == "test"]
+    assert test_twin.split == "test_leaky" and test_twin.note.startswith("same bytes as")
+    assert "Test files that also sit in the training folders under another label: 1" in text
+
+    assert rows["ISIC_0400000.jpg"][0].lesion_group == rows["ISIC_0400001.jpg"][0].lesion_group
+    assert "near-identical images with different bytes" in text and "ISIC_0400000.jpg" in text
+
+
+def test_split_keeps_lesion_groups_together_and_is_repeatable(planted: dict[str, Path]) -> None:
+    first = audit([planted["root"]], planted["truth"], seed=3)
+    second = audit([planted["root"]], planted["truth"], seed=3)
+    assert [r.split for r in first.rows] == [r.split for r in second.rows]
+    splits_of_group = defaultdict(set)
+    for row in first.rows:
+        if row.split in {"train", "val"}:
+            splits_of_group[row.lesion_group].add(row.split)
+    assert all(len(s) == 1 for s in splits_of_group.values())
+    assert {r.split for r in first.rows if r.origin == "test"} <= {"test", "test_leaky"}
+    val_labels = {r.resolved_label for r in first.rows if r.split == "val"}
+    assert "melanoma" in val_labels and len(val_labels) >= 8  # stratified: nearly every class
+
+
+def test_training_and_service_preprocess_identically(tmp_path: Path, settings) -> None:
+    """One full-size photo through the training loader and through the service pipeline."""
+    from dermwatch.pipeline.process import open_processor
+    from dermwatch.training.audit import ManifestRow
+    from dermwatch.training.data import load_arrays
+
+    photo = write_jpeg(tmp_path / "full.jpg", seed=5, size=(1024, 768))
+    row = ManifestRow(path=str(photo), root="x", origin="train", image_id="full", sha256="", phash="",
+                      folder_label="nevus", resolved_label="nevus", label_source="folder", lesion_group="g",
+                      split="train", dropped="", note="")
+    processor = open_processor(settings)
+    size = processor.classifier.input_size
+    trained_on, _ = load_arrays([row], size)
+    claimed = processor.claim(photo)
+
+    seen_by_model = []
+    real_predict = processor.classifier.predict
+
+    def recording_predict(pixels: np.ndarray) -> np.ndarray:
+        seen_by_model.append(pixels.copy())
+        return real_predict(pixels)
+
+    processor.classifier.predict = recording_predict
+    assert processor.process([claimed])[0].status == "classified"
+    np.testing.assert_array_equal(seen_by_model[0][0], trained_on[0])
+
+
+def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    runner = CliRunner()
+    trained = runner.invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth", str(planted["truth"]),
+                                  "--out", str(run_dir), "--epochs", "2", "--input-size", "32", "--width", "4",
+                                  "--batch-size", "16"], catch_exceptions=False)
+    assert trained.exit_code == 0, trained.output
+    record = json.loads((run_dir / "training.json").read_text())
+    assert 0 < record["melanoma_threshold"] < 1 and record["temperature"] > 0
+    assert len(record["history"]) == 2 and record["best_epoch"] in (1, 2)
+    assert (run_dir / "manifest.csv").is_file() and (run_dir / "audit.txt").is_file()
+
+    exported = runner.invoke(cli, ["export", str(run_dir), "--version", "t1"], catch_exceptions=False)
+    assert exported.exit_code == 0, exported.output
+    from dermwatch.pipeline.classifier import load_classifier
+
+    for quantization in ("float32", "int8"):
+        path = run_dir / "export" / f"dermwatch-{quantization}.tflite"
+        classifier = load_classifier(path, threads=1)
+        card = classifier.card.document
+        assert card["quantization"] == quantization and card["version"] == f"t1-{quantization}"
+        assert set(card["evaluation"]["sets"]) == {"validation", "test_published", "test_leak_free"}
+        assert card["evaluation"]["sets"]["test_leak_free"]["images"] < card["evaluation"]["sets"]["test_published"]["images"]
+        probabilities = classifier.predict(np.zeros((3, 32, 32, 3), dtype=np.uint8))
+        assert probabilities.shape == (3, 9)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=0.02)
+        assert path.with_suffix(".html").read_text().count("data:image/png;base64,") == 3
+    float_card = json.loads((run_dir / "export" / "dermwatch-float32.json").read_text())
+    assert float_card["export_check"]["top1_agreement"] == 1.0
+    assert float_card["export_check"]["max_probability_difference"] < 1e-4
+    assert "chosen for shipping: dermwatch-" in exported.output
