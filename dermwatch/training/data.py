@@ -31,8 +31,14 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {i: float(w) for i, w in enumerate(weights)}
 
 
-def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
+def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+                     augment: bool = True) -> tf.data.Dataset:
     """Shuffled batches with on-the-fly augmentation; nothing augmented is ever stored."""
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(
+        len(labels), seed=seed, reshuffle_each_iteration=True
+    )
+    if not augment:
+        return dataset.map(lambda x, y: (tf.cast(x, tf.float32), y)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
     geometric = keras.Sequential(
         [
             # Small rotations on top of the 90-degree ones: dermoscopy has no 'up'.
@@ -54,9 +60,7 @@ def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, se
         return tf.clip_by_value(image, 0.0, 255.0), label
 
     return (
-        tf.data.Dataset.from_tensor_slices((images, labels))
-        .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-        .map(dihedral_and_colour, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset.map(dihedral_and_colour, num_parallel_calls=tf.data.AUTOTUNE)
         .batch(batch_size)
         .map(lambda x, y: (geometric(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)

@@ -36,6 +36,9 @@ class TrainOptions:
     weight_decay: float = 1e-4
     seed: int = 0
     balance: bool = True  # weight the loss by inverse class frequency
+    augment: bool = True  # flips, rotations, affine and colour jitter on the fly
+    schedule: str = "cosine"  # cosine: AdamW, warm-up then cosine decay; constant: plain Adam
+    keep_best: bool = True  # restore the best validation epoch; False keeps the last one
 
 
 def data_fingerprint(rows: list[ManifestRow]) -> str:
@@ -92,26 +95,24 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
     x_val, y_val = load_arrays(val_rows, options.input_size)
 
     model = build_model(options.arch, options.input_size, width=options.width)
-    steps = options.epochs * int(np.ceil(len(x_train) / options.batch_size))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, steps, warmup_target=options.learning_rate, warmup_steps=max(steps // 20, 1)
-    )
     model.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=options.weight_decay),
+        optimizer=_optimizer(options, steps=options.epochs * int(np.ceil(len(x_train) / options.batch_size))),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
     keeper = KeepBestEpoch(x_val.astype(np.float32), y_val)
     started = time.monotonic()
     model.fit(
-        training_batches(x_train, y_train, options.batch_size, options.seed),
+        training_batches(x_train, y_train, options.batch_size, options.seed, augment=options.augment),
         epochs=options.epochs,
         class_weight=class_weights(y_train) if options.balance else None,
         callbacks=[keeper],
         verbose=0,
     )
     wall_seconds = time.monotonic() - started
-    model.set_weights(keeper.best_weights)
+    if options.keep_best:
+        model.set_weights(keeper.best_weights)
+    kept_epoch = keeper.best_epoch if options.keep_best else options.epochs
 
     val_logits = model.predict(x_val.astype(np.float32), batch_size=64, verbose=0)
     temperature = fit_temperature(val_logits, y_val)
@@ -126,7 +127,7 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
         "data_fingerprint": data_fingerprint(rows),
         "train_images": len(train_rows),
         "val_images": len(val_rows),
-        "best_epoch": keeper.best_epoch,
+        "best_epoch": kept_epoch,
         "wall_seconds": round(wall_seconds, 1),
         "temperature": temperature,
         "melanoma_threshold": threshold,
@@ -136,7 +137,16 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
     }
     (out_dir / "training.json").write_text(json.dumps(record, indent=2))
     log.info(
-        "best epoch %d of %d; temperature %.2f; melanoma threshold %.3f; %.0f s",
-        keeper.best_epoch, options.epochs, temperature, threshold, wall_seconds,
+        "kept epoch %d of %d; temperature %.2f; melanoma threshold %.3f; %.0f s",
+        kept_epoch, options.epochs, temperature, threshold, wall_seconds,
     )
     return record
+
+
+def _optimizer(options: TrainOptions, steps: int) -> keras.optimizers.Optimizer:
+    if options.schedule == "constant":
+        return keras.optimizers.Adam(options.learning_rate)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, steps, warmup_target=options.learning_rate, warmup_steps=max(steps // 20, 1)
+    )
+    return keras.optimizers.AdamW(schedule, weight_decay=options.weight_decay)
