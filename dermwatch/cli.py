@@ -103,6 +103,10 @@ def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
             claimed = [c for c in map(processor.claim, batch) if c is not None]
             outcomes += processor.process(claimed)
             bar.update(len(batch))
+    if settings.alerts.channels:
+        from dermwatch.alerts import send_pending
+
+        send_pending(processor.engine, settings.alerts, settings.reports.site_name, settings.reports.timezone)
     by_status: dict[str, int] = {}
     for outcome in outcomes:
         by_status[outcome.status] = by_status.get(outcome.status, 0) + 1
@@ -164,6 +168,35 @@ def _print_classifications(results, threshold: float, output_format: str) -> Non
             flag = "  FLAGGED: possible melanoma" if row["flagged"] else ""
             click.echo(f"{row['path']}: {row['label']} ({row[row['label']]:.2f}), "
                        f"P(melanoma) {row[MELANOMA]:.3f}{flag}")
+
+
+@cli.command()
+@config_option
+@click.option("--date", "day", type=click.DateTime(["%Y-%m-%d"]),
+              help="The day to render, in the configured time zone (default: today).")
+@click.option("--open", "open_after", is_flag=True, help="Open the report in the default browser.")
+def report(config_path: Path | None, day, open_after: bool) -> None:
+    """Write the day's report (HTML, CSV, JSON) and the index of all days."""
+    from datetime import datetime
+
+    from dermwatch.pipeline.classifier import load_classifier
+    from dermwatch.reports.render import Reporter
+    from dermwatch.store.db import ensure_schema, make_engine
+
+    settings = load_settings(config_path)
+    engine = make_engine(settings.database_url)
+    ensure_schema(engine)
+    try:
+        classifier = load_classifier(settings.model.path, settings.model.threads)
+    except ModelError as error:
+        click.echo(f"warning: no heatmaps in this report: {error}", err=True)
+        classifier = None
+    chosen = day.date() if day else datetime.now(settings.reports.timezone).date()
+    rendered = Reporter(settings, engine, classifier).render(chosen)
+    click.echo(f"{rendered.html}: {rendered.images} images, {rendered.flagged} suspected melanoma, "
+               f"{rendered.rejected} could not be read")
+    if open_after:
+        click.launch(str(rendered.html))
 
 
 @cli.command()

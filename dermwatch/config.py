@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass
+from datetime import time
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -27,6 +29,20 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"path": "", "threads": 2, "batch_size": 16},
     "watcher": {"settle_seconds": 1.0, "rescan_seconds": 60.0, "polling": False},
     "images": {"max_pixels": 50_000_000},
+    "site": {"name": "dermwatch", "timezone": "UTC"},
+    "reports": {"daily_at": "18:00", "refresh_minutes": 15.0},
+    "alerts": {
+        "include_reference": False,
+        "command": "",
+        "smtp_host": "",
+        "smtp_port": 587,
+        "smtp_starttls": True,
+        "smtp_user": "",
+        "smtp_password_env": "DERMWATCH_SMTP_PASSWORD",
+        "mail_from": "",
+        "mail_to": [],
+        "retry_minutes": 5.0,
+    },
 }
 
 
@@ -64,12 +80,40 @@ class WatcherSettings:
 
 
 @dataclass(frozen=True)
+class ReportSettings:
+    site_name: str
+    timezone: ZoneInfo  # what "today" means, and the days reports cover
+    daily_at: time  # local time of the daily report
+    refresh_minutes: float  # today's report is refreshed this often while images arrive
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    include_reference: bool  # put patient/lesion references into alert messages
+    command: str  # run for each flagged image; empty: none
+    smtp_host: str  # empty: no e-mail
+    smtp_port: int
+    smtp_starttls: bool
+    smtp_user: str
+    smtp_password_env: str  # the password is read from this environment variable
+    mail_from: str
+    mail_to: tuple[str, ...]
+    retry_minutes: float
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return tuple(name for name, on in (("email", bool(self.smtp_host)), ("command", bool(self.command))) if on)
+
+
+@dataclass(frozen=True)
 class Settings:
     paths: PathSettings
     database_url: str
     model: ModelSettings
     watcher: WatcherSettings
     max_pixels: int
+    reports: ReportSettings
+    alerts: AlertSettings
     source: Path | None  # the config file read, if any
 
 
@@ -117,6 +161,8 @@ def _checked(name: str, value: Any, default: Any, where: Path | str) -> Any:
         raise ConfigError(f"{where}: {name} must be a {expected.__name__}, got {value!r}")
     if expected in (int, float) and value <= 0:
         raise ConfigError(f"{where}: {name} must be positive, got {value!r}")
+    if expected is list and not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{where}: {name} must be a list of strings, got {value!r}")
     return value
 
 
@@ -134,8 +180,30 @@ def _build(values: dict[str, dict[str, Any]], base: Path, source: Path | None) -
         ),
         watcher=WatcherSettings(**watcher),
         max_pixels=values["images"]["max_pixels"],
+        reports=_report_settings(values["site"], values["reports"]),
+        alerts=_alert_settings(values["alerts"]),
         source=source,
     )
+
+
+def _report_settings(site: dict[str, Any], reports: dict[str, Any]) -> ReportSettings:
+    try:
+        zone = ZoneInfo(site["timezone"])
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"[site] timezone {site['timezone']!r} is not a time zone name like 'Europe/Berlin'") from None
+    try:
+        daily_at = time.fromisoformat(reports["daily_at"])
+    except ValueError:
+        raise ConfigError(f"[reports] daily_at {reports['daily_at']!r} is not a time like '18:00'") from None
+    return ReportSettings(site_name=site["name"], timezone=zone, daily_at=daily_at,
+                          refresh_minutes=reports["refresh_minutes"])
+
+
+def _alert_settings(alerts: dict[str, Any]) -> AlertSettings:
+    settings = AlertSettings(**{**alerts, "mail_to": tuple(alerts["mail_to"])})
+    if settings.smtp_host and not (settings.mail_from and settings.mail_to):
+        raise ConfigError("[alerts] smtp_host is set, so mail_from and mail_to must be set too")
+    return settings
 
 
 def _resolve(base: Path, value: str) -> Path:

@@ -61,23 +61,26 @@ def test_process_then_status(config_file: Path, settings: Settings, tmp_path: Pa
     assert {k: status[k] for k in ("images", "predictions", "quarantined", "pending")} == {
         "images": 20, "predictions": 20, "quarantined": 1, "pending": 0}
     assert status["flagged"] >= 0 and status["model"].startswith("tiny-test-model test")
-    assert status["db_revision"] == status["db_head"] == "0001"
+    assert status["db_revision"] == status["db_head"] == "0002"
 
 
 def test_db_check_and_an_out_of_date_schema(config_file: Path, settings: Settings) -> None:
     assert invoke("db", "check", "--config", str(config_file)).exit_code == 1
-    assert "database at revision 0001" in invoke("db", "upgrade", "--config", str(config_file)).stdout
+    assert "database at revision 0002" in invoke("db", "upgrade", "--config", str(config_file)).stdout
     assert invoke("db", "check", "--config", str(config_file)).exit_code == 0
     engine = create_engine(settings.database_url)
-    with engine.begin() as connection:
-        connection.execute(text("UPDATE alembic_version SET version_num = '0000'"))
+    with engine.begin() as connection:  # as if this database had been left at the first schema
+        connection.execute(text("DROP TABLE alerts"))
+        connection.execute(text("UPDATE alembic_version SET version_num = '0001'"))
     engine.dispose()
     result = subprocess.run([sys.executable, "-m", "dermwatch", "run", "--config", str(config_file)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: database schema is at revision 0000, this version needs 0001: "
+        "error: database schema is at revision 0001, this version needs 0002: "
         "run `dermwatch db upgrade` (back up the database first)")
+    assert invoke("db", "upgrade", "--config", str(config_file)).exit_code == 0
+    assert invoke("db", "check", "--config", str(config_file)).exit_code == 0
 
 
 def test_config_error_is_one_line_without_traceback(tmp_path: Path) -> None:

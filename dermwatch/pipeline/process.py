@@ -27,7 +27,7 @@ from dermwatch.pipeline.decode import DecodedImage, read_rgb
 from dermwatch.pipeline.sidecar import read_sidecar
 from dermwatch.preprocess import to_model_input
 from dermwatch.store.db import ensure_schema, make_engine, session_scope
-from dermwatch.store.models import Image, Prediction, Rejection, Sighting, probability_column, utc_now
+from dermwatch.store.models import Alert, Image, Prediction, Rejection, Sighting, probability_column, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,10 @@ class _Arrival:
 class Processor:
     """Holds what every image needs: folders, database, classifier, limits."""
 
-    def __init__(self, paths: PathSettings, engine: Engine, classifier: Classifier, max_pixels: int) -> None:
+    def __init__(self, paths: PathSettings, engine: Engine, classifier: Classifier, max_pixels: int,
+                 alert_channels: tuple[str, ...] = ()) -> None:
         self.paths = paths
+        self.alert_channels = alert_channels
         self.engine = engine
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.classifier = classifier
@@ -177,6 +179,13 @@ class Processor:
                 **{probability_column(label): float(p) for label, p in zip(CLASS_NAMES, probabilities)},
             )
             session.add_all([prediction, _sighting(image, arrival)])
+            if prediction.flagged:
+                # Queued in the same transaction: an alert owed is never lost to a crash.
+                now = utc_now()
+                session.add_all(
+                    Alert(prediction=prediction, channel=channel, created_at=now, next_attempt_at=now)
+                    for channel in self.alert_channels
+                )
         self._archive(arrival.item, arrival.sha256, arrival.received_at)
         outcome = Outcome(arrival.item.original_name, "classified", _describe(prediction))
         log.info("%s: %s", outcome.name, outcome.detail)
@@ -218,7 +227,7 @@ def open_processor(settings: Settings) -> Processor:
     engine = make_engine(settings.database_url)
     ensure_schema(engine)
     ensure_folders(settings)
-    return Processor(settings.paths, engine, classifier, settings.max_pixels)
+    return Processor(settings.paths, engine, classifier, settings.max_pixels, settings.alerts.channels)
 
 
 def _archive_target(paths: PathSettings, item: Claimed, sha256: str, received_at: datetime) -> Path:

@@ -124,3 +124,21 @@ class Rejection(Base):
     reason: Mapped[str] = mapped_column(Text)
     rejected_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     quarantine_path: Mapped[str] = mapped_column(Text)
+
+
+class Alert(Base):
+    """One alert owed for a flagged prediction on one channel; a durable retry queue."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (UniqueConstraint("prediction_id", "channel"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id", ondelete="CASCADE"), index=True)
+    channel: Mapped[str] = mapped_column(String(16))  # email | command
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+
+    prediction: Mapped[Prediction] = relationship()

@@ -16,6 +16,7 @@ from types import FrameType
 from dermwatch.config import Settings
 from dermwatch.pipeline.process import open_processor
 from dermwatch.store.queries import counts
+from dermwatch.watcher.background import AlertWorker, ReportWorker
 from dermwatch.watcher.notify import Notifier
 from dermwatch.watcher.observer import scan, start_observer
 from dermwatch.watcher.settle import SettleTracker
@@ -39,6 +40,11 @@ def run_service(settings: Settings) -> None:
     found = scan(settings.paths.intake, tracker)
     log.info("watching %s (%s); %d file(s) waiting", settings.paths.intake,
              "polling" if settings.watcher.polling else "inotify", found)
+    workers = [ReportWorker(settings, engine, stop)]
+    if settings.alerts.channels:
+        workers.append(AlertWorker(settings, engine, stop))
+    for worker in workers:
+        worker.start()
     notifier.send(READY="1", STATUS=f"watching {settings.paths.intake}")
 
     heartbeat = notifier.watchdog_interval() or 10.0
@@ -51,8 +57,9 @@ def run_service(settings: Settings) -> None:
                 scan(settings.paths.intake, tracker)
                 next_scan = now + settings.watcher.rescan_seconds
             if now >= next_beat:
-                if not observer.is_alive():
-                    raise RuntimeError("the file-system observer thread died")
+                for thread in (observer, *workers):
+                    if not thread.is_alive():
+                        raise RuntimeError(f"the {thread.name} thread died")
                 notifier.send(WATCHDOG="1", STATUS=_status_line(engine, tracker))
                 next_beat = now + heartbeat
             ready = tracker.take_ready(settings.model.batch_size)
@@ -64,8 +71,10 @@ def run_service(settings: Settings) -> None:
             tracker.changed.clear()
     finally:
         notifier.send(STOPPING="1", STATUS="stopping")
+        stop.set()
         observer.stop()
-        observer.join(timeout=5)
+        for thread in (observer, *workers):
+            thread.join(timeout=30)
         notifier.close()
         engine.dispose()
     log.info("stopped")

@@ -1,0 +1,1 @@
+"""The daily report: what came in on one local day, suspected melanoma first."""

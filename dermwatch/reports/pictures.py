@@ -1,0 +1,96 @@
+"""Thumbnails and occlusion heatmaps for the report, cached on disk by content hash.
+
+The heatmap shows where the network looked: each cell of a grid is covered in turn with
+the image's mean colour, and the drop in P(melanoma) is how much that region mattered.
+It needs only forward passes of the TFLite model, no gradients.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dermwatch.labels import CLASS_NAMES, MELANOMA
+from dermwatch.pipeline.classifier import Classifier
+from dermwatch.pipeline.decode import read_rgb
+from dermwatch.preprocess import to_model_input
+from dermwatch.reports.atomic import write_atomically
+
+THUMBNAIL_SIDE = 256
+OCCLUSION_GRID = 8
+_MELANOMA = CLASS_NAMES.index(MELANOMA)
+
+
+class Pictures:
+    """Makes and caches the inline pictures of a report."""
+
+    def __init__(self, cache_dir: Path, classifier: Classifier | None, max_pixels: int) -> None:
+        self.cache_dir = cache_dir
+        self.classifier = classifier
+        self.max_pixels = max_pixels
+
+    def thumbnail(self, archive_path: str, sha256: str) -> str | None:
+        """A data: URI of a JPEG at most 256 px on a side, without any metadata; None if the file is gone."""
+        cached = self.cache_dir / "thumbnails" / f"{sha256}.jpg"
+        if not cached.exists():
+            source = Path(archive_path)
+            if not source.is_file():
+                return None
+            image = read_rgb(source, max_pixels=self.max_pixels, draft_size=THUMBNAIL_SIDE).image
+            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+            write_atomically(cached, _jpeg(image))
+        return _data_uri(cached.read_bytes())
+
+    def heatmap(self, archive_path: str, sha256: str, model_sha256: str) -> str | None:
+        """The thumbnail with the occlusion map over it, if the model that made the prediction is loaded."""
+        if self.classifier is None or self.classifier.card.sha256 != model_sha256:
+            return None
+        cached = self.cache_dir / "occlusion" / model_sha256[:16] / f"{sha256}.jpg"
+        if not cached.exists():
+            source = Path(archive_path)
+            if not source.is_file():
+                return None
+            size = self.classifier.input_size
+            picture = read_rgb(source, max_pixels=self.max_pixels, draft_size=THUMBNAIL_SIDE).image
+            heat = occlusion_map(self.classifier, to_model_input(picture, size))
+            picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+            write_atomically(cached, _jpeg(overlay(picture, heat)))
+        return _data_uri(cached.read_bytes())
+
+
+def occlusion_map(classifier: Classifier, pixels: np.ndarray, grid: int = OCCLUSION_GRID) -> np.ndarray:
+    """grid x grid drops in P(melanoma) when each cell is hidden; 0 where hiding it did not lower it."""
+    size = pixels.shape[0]
+    edges = np.linspace(0, size, grid + 1).round().astype(int)
+    fill = pixels.reshape(-1, 3).mean(axis=0).astype(np.uint8)
+    batch = np.repeat(pixels[None], grid * grid + 1, axis=0)
+    for index in range(grid * grid):
+        row, column = divmod(index, grid)
+        batch[index + 1, edges[row]:edges[row + 1], edges[column]:edges[column + 1]] = fill
+    scores = classifier.predict(batch)[:, _MELANOMA]
+    return np.clip(scores[0] - scores[1:], 0, None).reshape(grid, grid)
+
+
+def overlay(picture: Image.Image, heat: np.ndarray) -> Image.Image:
+    """Red where hiding the region lowered P(melanoma) most, fading to nothing where it did not."""
+    peak = heat.max()
+    strength = heat / peak if peak > 0 else heat
+    mask = Image.fromarray((strength * 255).astype(np.uint8)).resize(picture.size, Image.Resampling.BILINEAR)
+    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255 * 0.6
+    red = np.array([230, 20, 20], dtype=np.float32)
+    blended = np.asarray(picture, dtype=np.float32) * (1 - alpha) + red * alpha
+    return Image.fromarray(blended.round().astype(np.uint8))
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)  # saved without EXIF, ICC profile or comments
+    return buffer.getvalue()
+
+
+def _data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()

@@ -1,0 +1,140 @@
+"""Render a day to HTML, CSV and JSON, and the index of all days; every file written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from sqlalchemy import Engine
+
+from dermwatch.labels import CLASS_NAMES, MALIGNANT, display_name
+from dermwatch.modelcard import ModelCard
+from dermwatch.reports.atomic import write_atomically
+from dermwatch.reports.day import Day, ImageRow, load_day
+from dermwatch.reports.pictures import Pictures
+
+CSV_FIELDS = [
+    "status", "received_at", "original_name", "sha256", "patient_reference", "lesion_reference", "body_site",
+    "top_label", "melanoma_score", "flagged", *CLASS_NAMES, "model_version", "reason",
+]
+
+_environment = Environment(
+    loader=PackageLoader("dermwatch", "templates"),
+    autoescape=select_autoescape(default=True, default_for_string=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_environment.filters["display"] = display_name
+
+
+@dataclass(frozen=True)
+class Rendered:
+    html: Path
+    csv: Path
+    json: Path
+    images: int
+    flagged: int
+    rejected: int
+
+
+def render_day(engine: Engine, day: date, *, reports_dir: Path, site_name: str, card: ModelCard | None,
+               pictures: Pictures, zone) -> Rendered:
+    """Write reports_dir/YYYY-MM-DD.{html,csv,json} for ``day`` and refresh the index."""
+    loaded = load_day(engine, day, zone)
+    rows = _flat_rows(loaded)
+    stem = reports_dir / day.isoformat()
+    page = _environment.get_template("report.html").render(
+        day=loaded, site_name=site_name, card=card, threshold_words=_threshold_words(card),
+        class_counts=loaded.class_counts(), malignant=MALIGNANT, pictures=pictures,
+        zone_name=str(zone),
+    )
+    write_atomically(stem.with_suffix(".html"), page.encode())
+    write_atomically(stem.with_suffix(".csv"), _csv(rows).encode())
+    summary = {"images": len(loaded.images), "flagged": len(loaded.flagged), "rejected": len(loaded.rejected)}
+    document = {"date": day.isoformat(), "site": site_name, "timezone": str(zone), **summary, "rows": rows}
+    write_atomically(stem.with_suffix(".json"), (json.dumps(document, indent=2) + "\n").encode())
+    render_index(reports_dir, site_name)
+    return Rendered(stem.with_suffix(".html"), stem.with_suffix(".csv"), stem.with_suffix(".json"), **summary)
+
+
+def render_index(reports_dir: Path, site_name: str) -> Path:
+    """index.html: every day with a report, newest first, from the days' own JSON files."""
+    days = []
+    for path in sorted(reports_dir.glob("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9].json"), reverse=True):
+        document = json.loads(path.read_text())
+        days.append({key: document[key] for key in ("date", "images", "flagged", "rejected")})
+    page = _environment.get_template("index.html").render(days=days, site_name=site_name)
+    index = reports_dir / "index.html"
+    write_atomically(index, page.encode())
+    return index
+
+
+def _threshold_words(card: ModelCard | None) -> str:
+    if card is None:
+        return ""
+    rule = card.document.get("training", {}).get("threshold_rule", "")
+    sensitivity = card.document.get("evaluation", {}).get("sets", {}).get("test_leak_free", {}).get(
+        "melanoma_sensitivity")
+    words = f"Images with P(melanoma) ≥ {card.melanoma_threshold:.3f} are flagged"
+    if rule:
+        words += f"; the threshold was set on validation images as the {rule}"
+    if sensitivity is not None:
+        words += f" (on held-out test images it caught {sensitivity:.0%} of melanomas)"
+    return words + "."
+
+
+def _flat_rows(day: Day) -> list[dict]:
+    rows = [_image_record(row) for row in day.images]
+    rows += [
+        {field: "" for field in CSV_FIELDS}
+        | {"status": "rejected", "received_at": r.rejected_at.isoformat(timespec="seconds"),
+           "original_name": r.original_name, "reason": r.reason}
+        for r in day.rejected
+    ]
+    return rows
+
+
+def _image_record(row: ImageRow) -> dict:
+    return {
+        "status": "flagged" if row.flagged else "classified",
+        "received_at": row.received_at.isoformat(timespec="seconds"),
+        "original_name": row.original_name,
+        "sha256": row.sha256,
+        "patient_reference": row.sidecar.get("patient_reference", ""),
+        "lesion_reference": row.sidecar.get("lesion_reference", ""),
+        "body_site": row.sidecar.get("body_site", ""),
+        "top_label": row.top_label,
+        "melanoma_score": round(row.melanoma_score, 6),
+        "flagged": row.flagged,
+        **{label: round(p, 6) for label, p in row.probabilities.items()},
+        "model_version": row.model_version,
+        "reason": "",
+    }
+
+
+def _csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+class Reporter:
+    """What rendering needs, opened once: database, model card, picture cache, settings."""
+
+    def __init__(self, settings, engine: Engine, classifier) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.card = classifier.card if classifier is not None else None
+        self.pictures = Pictures(settings.paths.state / "cache", classifier, settings.max_pixels)
+
+    def render(self, day: date) -> Rendered:
+        reports = self.settings.reports
+        return render_day(self.engine, day, reports_dir=self.settings.paths.reports, site_name=reports.site_name,
+                          card=self.card, pictures=self.pictures, zone=reports.timezone)

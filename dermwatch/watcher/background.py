@@ -1,0 +1,91 @@
+"""Work the service does beside intake, each in its own thread: reports and alerts.
+
+Neither may hold up intake, and neither may die quietly: an error is logged and the
+next round tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import date, datetime, timedelta
+
+from sqlalchemy import Engine
+
+from dermwatch.alerts import send_pending
+from dermwatch.config import Settings
+from dermwatch.pipeline.classifier import load_classifier
+from dermwatch.reports.day import days_with_data
+from dermwatch.reports.render import Reporter
+from dermwatch.store.models import utc_now
+from dermwatch.watcher.schedule import ReportSchedule, rendered_times
+
+log = logging.getLogger(__name__)
+
+#: How often the workers look for work.
+CHECK_SECONDS = 1.0
+#: An arrival is stamped when claimed and committed a little later; a report counts as
+#: covering arrivals only up to this long before it was started.
+COMMIT_MARGIN = timedelta(seconds=5)
+
+
+class _Worker(threading.Thread):
+    def __init__(self, name: str, stop: threading.Event) -> None:
+        super().__init__(name=name, daemon=True)
+        self.stop = stop
+
+    def run(self) -> None:
+        self.prepare()
+        while True:
+            try:
+                self.round()
+            except Exception:  # noqa: BLE001 - logged with its traceback; the next round retries
+                log.exception("%s: round failed", self.name)
+            if self.stop.wait(CHECK_SECONDS):
+                return
+
+    def prepare(self) -> None:
+        """Set-up inside the thread, before the first round."""
+
+    def round(self) -> None:
+        raise NotImplementedError
+
+
+class ReportWorker(_Worker):
+    """Writes reports on the schedule of watcher/schedule.py, with its own LiteRT interpreter."""
+
+    def __init__(self, settings: Settings, engine: Engine, stop: threading.Event) -> None:
+        super().__init__("reports", stop)
+        self.settings = settings
+        self.engine = engine
+        self.latest: dict[date, datetime] = {}
+        self.checked_at: datetime | None = None
+
+    def prepare(self) -> None:
+        # Interpreters are not shared between threads: this one serves the heatmaps.
+        classifier = load_classifier(self.settings.model.path, threads=1)
+        self.reporter = Reporter(self.settings, self.engine, classifier)
+        self.schedule = ReportSchedule(self.settings.reports, rendered_times(self.settings.paths.reports))
+
+    def round(self) -> None:
+        now = utc_now()
+        since = self.checked_at - COMMIT_MARGIN if self.checked_at else None
+        for day, latest in days_with_data(self.engine, self.settings.reports.timezone, since).items():
+            self.latest[day] = max(latest, self.latest.get(day, latest))
+        self.checked_at = now
+        for day in self.schedule.due(now, self.latest):
+            rendered = self.reporter.render(day)
+            self.schedule.mark(day, now - COMMIT_MARGIN)
+            log.info("report %s: %d images, %d flagged, %d could not be read", rendered.html, rendered.images,
+                     rendered.flagged, rendered.rejected)
+
+
+class AlertWorker(_Worker):
+    def __init__(self, settings: Settings, engine: Engine, stop: threading.Event) -> None:
+        super().__init__("alerts", stop)
+        self.settings = settings
+        self.engine = engine
+
+    def round(self) -> None:
+        send_pending(self.engine, self.settings.alerts, self.settings.reports.site_name,
+                     self.settings.reports.timezone)

@@ -1,0 +1,343 @@
+"""The daily report: sections, files, time zones, escaping, a real browser, alerts, the schedule."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import socket
+import subprocess
+import time as clock
+from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from conftest import wait_until, write_jpeg
+from dermwatch.config import ReportSettings, Settings, load_settings
+from dermwatch.labels import CLASS_NAMES
+from dermwatch.modelcard import load_card
+from dermwatch.pipeline.classifier import load_classifier
+from dermwatch.reports.render import Reporter
+from dermwatch.store.db import ensure_schema, make_engine
+from dermwatch.store.models import Alert, Image as ImageRow, Prediction, Rejection, Sighting, probability_column
+from dermwatch.watcher.schedule import ReportSchedule
+
+BERLIN = ZoneInfo("Europe/Berlin")
+DAY = date(2026, 3, 14)
+MARKUP_NAME = "<img src=x onerror=alert(1)>.jpg"
+
+
+@pytest.fixture
+def berlin_config(config_file: Path) -> Path:
+    config_file.write_text(config_file.read_text() + '[site]\nname = "Praxis Süd"\ntimezone = "Europe/Berlin"\n')
+    return config_file
+
+
+def add_image(settings: Settings, engine, name: str, *, seed: int, melanoma: float, top: str,
+              received_local: datetime, sidecar: dict | None = None) -> None:
+    """A classified image as the pipeline leaves it: archived file plus its rows."""
+    card = load_card(settings.model.path)
+    archive = settings.paths.archive / "test" / f"{seed:012d}-{name.replace('/', '_')}"
+    write_jpeg(archive, seed=seed, size=(400, 300))
+    probabilities = dict.fromkeys(CLASS_NAMES, 0.0)
+    probabilities["melanoma"] = melanoma
+    probabilities[top] = probabilities.get(top, 0.0) + (1 - melanoma) * 0.8
+    probabilities["nevus"] += 1 - sum(probabilities.values())
+    received = received_local.astimezone(timezone.utc)
+    with Session(engine) as session, session.begin():
+        image = ImageRow(sha256=f"{seed:064d}", original_name=name, sidecar=sidecar, received_at=received,
+                         processed_at=received, bytes=1, format="JPEG", width=400, height=300,
+                         archive_path=str(archive))
+        session.add_all([
+            image,
+            Sighting(image=image, claim=f"claim-{seed}", original_name=name, received_at=received),
+            Prediction(image=image, model_version=card.version, model_sha256=card.sha256, created_at=received,
+                       top_label=max(probabilities, key=probabilities.get), melanoma_score=melanoma,
+                       threshold=card.melanoma_threshold, flagged=melanoma >= card.melanoma_threshold,
+                       **{probability_column(k): v for k, v in probabilities.items()}),
+        ])
+
+
+def add_rejection(engine, name: str, reason: str, when_local: datetime) -> None:
+    with Session(engine) as session, session.begin():
+        session.add(Rejection(claim=f"r-{name}", original_name=name, reason=reason,
+                              rejected_at=when_local.astimezone(timezone.utc), quarantine_path="/q/" + name))
+
+
+@pytest.fixture
+def day_of_images(berlin_config: Path):
+    settings = load_settings(berlin_config)
+    engine = make_engine(settings.database_url)
+    ensure_schema(engine)
+    at = lambda h, m: datetime.combine(DAY, time(h, m), BERLIN)  # noqa: E731
+    add_image(settings, engine, "back-mole.jpg", seed=1, melanoma=0.91, top="melanoma", received_local=at(9, 5),
+              sidecar={"patient_reference": "P-0042", "body_site": "upper back"})
+    add_image(settings, engine, MARKUP_NAME, seed=2, melanoma=0.62, top="melanoma", received_local=at(10, 0))
+    add_image(settings, engine, "arm.jpg", seed=3, melanoma=0.05, top="nevus", received_local=at(11, 0))
+    add_image(settings, engine, "nose.jpg", seed=4, melanoma=0.02, top="basal cell carcinoma",
+              received_local=at(12, 0))
+    add_image(settings, engine, "late.jpg", seed=5, melanoma=0.01, top="dermatofibroma", received_local=at(23, 30))
+    add_image(settings, engine, "next-day.jpg", seed=6, melanoma=0.7, top="melanoma",
+              received_local=datetime.combine(DAY + timedelta(days=1), time(0, 30), BERLIN))
+    add_rejection(engine, "scan.jpg", "damaged or truncated image: image file is truncated", at(13, 0))
+    reporter = Reporter(settings, engine, load_classifier(settings.model.path, threads=1))
+    return settings, reporter
+
+
+def test_a_day_renders_every_section_in_order(day_of_images) -> None:
+    settings, reporter = day_of_images
+    rendered = reporter.render(DAY)
+    html = rendered.html.read_text()
+    order = [html.index(marker) for marker in (
+        "Praxis Süd", "Suspected melanoma (2)", "back-mole.jpg", "&lt;img src=x onerror=alert(1)&gt;.jpg",
+        "Other images (3)", "Basal cell carcinoma (", "arm.jpg", "Could not be read (1)", "scan.jpg",
+        "image file is truncated", "By most likely class", "decision support, not a diagnosis")]
+    assert order == sorted(order)
+    assert "P-0042" in html and "upper back" in html and "09:05:00" in html
+    assert "next-day.jpg" not in html
+    assert html.count("data:image/jpeg;base64,") == 2 * 2 + 3  # thumbnail and heatmap per flagged image
+    assert "times in Europe/Berlin" in html
+    assert (rendered.images, rendered.flagged, rendered.rejected) == (5, 2, 1)
+
+
+def test_csv_and_json_hold_the_same_rows(day_of_images) -> None:
+    _, reporter = day_of_images
+    rendered = reporter.render(DAY)
+    with rendered.csv.open(newline="") as handle:
+        from_csv = list(csv.DictReader(handle))
+    document = json.loads(rendered.json.read_text())
+    assert [r["original_name"] for r in from_csv] == [r["original_name"] for r in document["rows"]] == [
+        "back-mole.jpg", MARKUP_NAME, "nose.jpg", "arm.jpg", "late.jpg", "scan.jpg"]
+    assert [r["status"] for r in from_csv] == ["flagged", "flagged", "classified", "classified", "classified",
+                                               "rejected"]
+    assert float(from_csv[0]["melanoma_score"]) == document["rows"][0]["melanoma_score"] == 0.91
+    assert from_csv[0]["patient_reference"] == "P-0042"
+    assert (document["images"], document["flagged"], document["rejected"]) == (5, 2, 1)
+
+
+def test_day_boundaries_follow_the_configured_time_zone(day_of_images) -> None:
+    _, reporter = day_of_images
+    names = [r["original_name"] for r in json.loads(reporter.render(DAY).json.read_text())["rows"]]
+    assert "late.jpg" in names  # 23:30 in Berlin is 22:30 UTC: still this local day
+    following = json.loads(reporter.render(DAY + timedelta(days=1)).json.read_text())["rows"]
+    assert [r["original_name"] for r in following] == ["next-day.jpg"]  # 00:30 Berlin is the day before in UTC
+
+
+def test_markup_in_a_file_name_is_text_and_the_page_has_no_script(day_of_images) -> None:
+    _, reporter = day_of_images
+    html = reporter.render(DAY).html.read_text()
+    assert "<img src=x" not in html and "onerror=alert(1)>" not in html
+    assert "<script" not in html.lower()
+    assert "content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\"" in html
+
+
+def test_rerendering_a_day_gives_the_same_files(day_of_images) -> None:
+    _, reporter = day_of_images
+    first = reporter.render(DAY)
+    before = [p.read_bytes() for p in (first.html, first.csv, first.json)]
+    second = reporter.render(DAY)
+    assert [p.read_bytes() for p in (second.html, second.csv, second.json)] == before
+
+
+def test_index_lists_every_day(day_of_images) -> None:
+    settings, reporter = day_of_images
+    reporter.render(DAY)
+    reporter.render(DAY + timedelta(days=1))
+    index = (settings.paths.reports / "index.html").read_text()
+    assert index.index("2026-03-15.html") < index.index("2026-03-14.html")
+    assert "<strong>2</strong>" in index
+
+
+def test_thumbnails_carry_no_metadata_and_fit_256_pixels(day_of_images) -> None:
+    settings, reporter = day_of_images
+    reporter.render(DAY)
+    thumbnails = list((settings.paths.state / "cache" / "thumbnails").iterdir())
+    assert thumbnails
+    for path in thumbnails:
+        with Image.open(path) as image:
+            assert max(image.size) <= 256
+            assert not image.getexif() and "icc_profile" not in image.info and "comment" not in image.info
+
+
+def test_real_chromium_shows_the_flagged_section(day_of_images, tmp_path: Path) -> None:
+    assert shutil.which("chromium"), "this test needs Debian's chromium (apt-get install chromium; .ci/run does)"
+    _, reporter = day_of_images
+    html = reporter.render(DAY).html
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run(["chromium", *flags, "--dump-dom", html.as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert '<section id="suspected-melanoma">' in dom.stdout and dom.stdout.count('<article class="case">') == 2
+    console = "\n".join(line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Content Security" in line)
+    assert "Refused" not in console and "Content Security Policy" not in console, console
+    screenshot = tmp_path / "report.png"
+    shot = subprocess.run(["chromium", *flags, "--window-size=1000,1400", f"--screenshot={screenshot}",
+                           html.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    with Image.open(screenshot) as image:
+        assert image.size == (1000, 1400)
+        pixels = np.asarray(image.convert("RGB"))
+    # The flagged section's red frame and heading are on screen in the first page view.
+    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 60) & (pixels[..., 2] < 80)
+    assert red[:700].sum() > 2000
+
+
+def test_schedule_rules() -> None:
+    settings = ReportSettings(site_name="x", timezone=BERLIN, daily_at=time(18, 0), refresh_minutes=15)
+    morning = datetime(2026, 3, 14, 9, 0, tzinfo=BERLIN)
+    schedule = ReportSchedule(settings, {})
+    yesterday, today = date(2026, 3, 13), date(2026, 3, 14)
+    latest = {yesterday: morning - timedelta(hours=20), today: morning - timedelta(minutes=1)}
+    assert schedule.due(morning, latest) == [yesterday, today]
+    schedule.mark(yesterday, morning)
+    schedule.mark(today, morning)
+    latest[today] = morning + timedelta(minutes=2)
+    assert schedule.due(morning + timedelta(minutes=5), latest) == []  # refresh not yet due
+    assert schedule.due(morning + timedelta(minutes=16), latest) == [today]
+    schedule.mark(today, morning + timedelta(minutes=16))
+    evening = datetime(2026, 3, 14, 18, 0, 1, tzinfo=BERLIN)
+    assert schedule.due(evening, latest) == [today]  # daily report, even with nothing new
+
+
+def smtp_server():
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.handlers import Message
+
+    class Inbox(Message):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages = []
+
+        def handle_message(self, message) -> None:
+            self.messages.append(message)
+
+    inbox = Inbox()
+    with socket.socket() as probe:  # a free port on the loopback interface
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    return controller, inbox
+
+
+def alert_config(config_file: Path, port: int, include_reference: bool) -> Settings:
+    config_file.write_text(config_file.read_text() + f"""
+[site]
+name = "Praxis Nord"
+[alerts]
+smtp_host = "127.0.0.1"
+smtp_port = {port}
+smtp_starttls = false
+mail_from = "dermwatch@praxis.example"
+mail_to = ["derm@praxis.example"]
+include_reference = {"true" if include_reference else "false"}
+retry_minutes = 0.001
+""")
+    return load_settings(config_file)
+
+
+def flagged_arrival(settings: Settings) -> None:
+    """Process one image with the threshold of the tiny model's card lowered so it is flagged."""
+    from dermwatch.pipeline.process import open_processor
+
+    processor = open_processor(settings)
+    object.__setattr__(processor.classifier.card, "melanoma_threshold", 1e-6)
+    image = write_jpeg(settings.paths.intake / "shoulder.jpg", seed=77)
+    (settings.paths.intake / "shoulder.json").write_text('{"patient_reference": "P-7", "body_site": "shoulder"}')
+    (outcome,) = processor.process([processor.claim(image)])
+    assert "FLAGGED" in outcome.detail
+
+
+@pytest.mark.parametrize("include_reference", [False, True])
+def test_flagged_image_alert_reaches_a_real_smtp_server(config_file: Path, include_reference: bool) -> None:
+    from dermwatch.alerts import send_pending
+
+    controller, inbox = smtp_server()
+    try:
+        settings = alert_config(config_file, controller.port, include_reference)
+        flagged_arrival(settings)
+        engine = make_engine(settings.database_url)
+        assert send_pending(engine, settings.alerts, "Praxis Nord", settings.reports.timezone) == 1
+        (message,) = inbox.messages
+    finally:
+        controller.stop()
+    assert message["To"] == "derm@praxis.example"
+    assert message["Subject"].startswith("[Praxis Nord] suspected melanoma: P=") and "shoulder.jpg" in message["Subject"]
+    body = message.get_payload()
+    assert "shoulder.jpg" in body and "not a diagnosis" in body
+    assert ("P-7" in body) is include_reference
+
+
+def test_failed_alert_is_kept_and_retried(config_file: Path, tmp_path: Path) -> None:
+    from dermwatch.alerts import send_pending
+
+    controller, inbox = smtp_server()
+    port = controller.port
+    controller.stop()  # nothing listens there now
+    settings = alert_config(config_file, port, False)
+    flagged_arrival(settings)
+    engine = make_engine(settings.database_url)
+    assert send_pending(engine, settings.alerts, "x", settings.reports.timezone) == 0
+    with Session(engine) as session:
+        alert = session.scalars(select(Alert)).one()
+        assert alert.attempts == 1 and alert.sent_at is None and "SMTP 127.0.0.1" in alert.last_error
+    from aiosmtpd.controller import Controller
+
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        clock.sleep(0.2)
+        assert send_pending(engine, settings.alerts, "x", settings.reports.timezone) == 1
+    finally:
+        controller.stop()
+    assert len(inbox.messages) == 1
+
+
+def test_alert_command_gets_the_facts_in_its_environment(config_file: Path, tmp_path: Path) -> None:
+    from dermwatch.alerts import send_pending
+
+    out = tmp_path / "alert.env"
+    config_file.write_text(config_file.read_text() + f"""
+[alerts]
+command = "sh -c 'env | grep ^DERMWATCH_ | sort > {out}'"
+""")
+    settings = load_settings(config_file)
+    flagged_arrival(settings)
+    assert send_pending(make_engine(settings.database_url), settings.alerts, "x", settings.reports.timezone) == 1
+    facts = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    assert facts["DERMWATCH_FILE_NAME"] == "shoulder.jpg" and float(facts["DERMWATCH_MELANOMA_SCORE"]) > 0
+    assert "DERMWATCH_PATIENT_REFERENCE" not in facts
+
+
+def test_service_writes_todays_report_on_its_schedule(config_file: Path, start_service) -> None:
+    config_file.write_text(config_file.read_text() + "[reports]\nrefresh_minutes = 0.02\n")
+    settings = load_settings(config_file)
+    service = start_service()
+    today = datetime.now(settings.reports.timezone).date()
+    report = settings.paths.reports / f"{today.isoformat()}.json"
+    write_jpeg(settings.paths.intake / "first.jpg", seed=91)
+    wait_until(lambda: report.exists() and json.loads(report.read_text())["images"] == 1, 30, "first report")
+    write_jpeg(settings.paths.intake / "second.jpg", seed=92)
+    wait_until(lambda: json.loads(report.read_text())["images"] == 2, 30, "refreshed report")
+    assert (settings.paths.reports / "index.html").is_file()
+    assert service.stop() == 0
+
+
+def test_service_writes_missing_past_reports_at_start_up(berlin_config: Path, start_service) -> None:
+    settings = load_settings(berlin_config)
+    engine = make_engine(settings.database_url)
+    ensure_schema(engine)
+    add_image(settings, engine, "old.jpg", seed=8, melanoma=0.9, top="melanoma",
+              received_local=datetime.combine(DAY, time(15, 0), BERLIN))
+    engine.dispose()
+    service = start_service()
+    wait_until(lambda: (settings.paths.reports / "2026-03-14.html").exists(), 30, "the missing report")
+    assert service.stop() == 0
