@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from dermwatch.training.metrics import melanoma_threshold
+
+#: Melanoma sensitivity the alert threshold is chosen for, on validation images.
+TARGET_SENSITIVITY = 0.90
+THRESHOLD_RULE = f"highest P(melanoma) that flags >= {TARGET_SENSITIVITY:.0%} of validation melanomas"
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -28,3 +34,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         else:
             low = a
     return float(np.exp((low + high) / 2))
+
+
+def calibrate(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Temperature, melanoma threshold and calibrated probabilities, all from validation."""
+    temperature = fit_temperature(logits, labels)
+    probabilities = softmax(logits / temperature)
+    return temperature, melanoma_threshold(probabilities, labels, TARGET_SENSITIVITY), probabilities

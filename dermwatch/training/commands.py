@@ -73,15 +73,18 @@ def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_d
 @click.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--version", help="Version recorded in the model card (default: ARCH+SIZE-YYYYMMDD).")
+@click.option("--tta", is_flag=True,
+              help="Average over the 8 flips and quarter turns inside the model (8x the compute); "
+                   "temperature and threshold are refitted on validation for it.")
 @click.option("--ship", is_flag=True,
               help="Copy the chosen model into the package (dermwatch/models/) as the service's default.")
-def export_command(run_dir: Path, version: str | None, ship: bool) -> None:
+def export_command(run_dir: Path, version: str | None, tta: bool, ship: bool) -> None:
     """Convert a training run to float32 and int8 TFLite, check and score both."""
     from dermwatch.modelcard import load_card, shipped_model_path
     from dermwatch.training.export import choose_shipped, export_run
     from dermwatch.training.export import ship as ship_model
 
-    paths = export_run(run_dir, version)
+    paths = export_run(run_dir, version, tta=tta)
     for path in paths:
         card = load_card(path).document
         check, sets = card["export_check"], card["evaluation"]["sets"]

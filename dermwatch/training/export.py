@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import logging
 from datetime import datetime, timezone
@@ -18,6 +20,7 @@ from dermwatch.modelcard import SHIPPED_MODEL_NAME, load_card, write_card
 from dermwatch.pipeline.classifier import Classifier
 from dermwatch.preprocess import RESAMPLE
 from dermwatch.training.audit import ManifestRow
+from dermwatch.training.calibration import calibrate
 from dermwatch.training.card_html import render_card_html
 from dermwatch.training.data import load_arrays
 from dermwatch.training.evaluate import evaluate_model
@@ -28,12 +31,27 @@ log = logging.getLogger(__name__)
 REPRESENTATIVE_IMAGES = 200
 
 
-def with_probabilities(model: keras.Model, temperature: float) -> keras.Model:
-    """Append temperature scaling and softmax, so the exported model returns calibrated probabilities."""
+def with_probabilities(model: keras.Model, temperature: float, tta: bool = False) -> keras.Model:
+    """Append temperature scaling and softmax, so the exported model returns calibrated probabilities.
+
+    With ``tta`` the logits are averaged over the eight flips and quarter turns of the
+    image: dermoscopy has no "up", and the network saw all eight in training.
+    """
     inputs = keras.Input(model.input_shape[1:], name="pixels")
-    logits = model(inputs)
+    logits = keras.ops.mean(keras.ops.stack([model(view) for view in _dihedral_views(inputs)]), axis=0) \
+        if tta else model(inputs)
     scaled = keras.layers.Rescaling(1.0 / temperature, name="temperature")(logits)
     return keras.Model(inputs, keras.layers.Softmax(name="probabilities")(scaled), name=f"{model.name}_calibrated")
+
+
+def _dihedral_views(images):
+    """The eight images of the square's symmetry group: identity, flips, transposes, turns."""
+    transposed = keras.ops.transpose(images, (0, 2, 1, 3))
+    views = []
+    for base in (images, transposed):
+        flipped_rows = keras.ops.flip(base, axis=1)
+        views += [base, keras.ops.flip(base, axis=2), flipped_rows, keras.ops.flip(flipped_rows, axis=2)]
+    return views
 
 
 def convert(model: keras.Model, representative: np.ndarray | None = None) -> bytes:
@@ -45,7 +63,8 @@ def convert(model: keras.Model, representative: np.ndarray | None = None) -> byt
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
-    return converter.convert()
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints every tensor it saves
+        return converter.convert()
 
 
 def card_document(*, name: str, version: str, input_size: int, melanoma_threshold: float,
@@ -82,36 +101,44 @@ def read_manifest(path: Path) -> list[ManifestRow]:
         return [ManifestRow(**row) for row in csv.DictReader(handle)]
 
 
-def export_run(run_dir: Path, version: str | None = None) -> list[Path]:
+def export_run(run_dir: Path, version: str | None = None, tta: bool = False) -> list[Path]:
     """Export a training run's best model as float32 and int8 TFLite with checked cards.
 
     Each is then scored through LiteRT on validation and Test (see evaluate.py); the
-    scores go into its card, next to an HTML rendering of the card.
+    scores go into its card, next to an HTML rendering of the card. With ``tta`` the
+    temperature and the melanoma threshold are fitted again on validation, for the
+    averaged logits the exported model computes.
     """
     record = json.loads((run_dir / "training.json").read_text())
     options = record["options"]
     size = options["input_size"]
     rows = read_manifest(run_dir / "manifest.csv")
-    keras_model = with_probabilities(keras.models.load_model(run_dir / "model.keras"), record["temperature"])
+    trained = keras.models.load_model(run_dir / "model.keras")
 
     rng = np.random.default_rng(options["seed"])
     train_rows = [r for r in rows if r.split == "train"]
     picked = [train_rows[i] for i in rng.choice(len(train_rows), min(REPRESENTATIVE_IMAGES, len(train_rows)), replace=False)]
     representative, _ = load_arrays(picked, size)
-    val_images, _ = load_arrays([r for r in rows if r.split == "val"], size)
+    val_images, val_labels = load_arrays([r for r in rows if r.split == "val"], size)
+    temperature, threshold = record["temperature"], record["melanoma_threshold"]
+    if tta:
+        logits = with_probabilities(trained, 1.0, tta=True).predict(val_images.astype(np.float32), verbose=0)
+        temperature, threshold, _ = calibrate(np.log(logits), val_labels)
+    keras_model = with_probabilities(trained, temperature, tta=tta)
     reference = keras_model.predict(val_images.astype(np.float32), batch_size=64, verbose=0)
 
     version = version or f"{options['arch']}{size}-{datetime.now(timezone.utc):%Y%m%d}"
     training = {key: record[key] for key in (
-        "data_fingerprint", "train_images", "val_images", "best_epoch", "wall_seconds", "temperature",
-        "threshold_rule", "options", "history")}
+        "data_fingerprint", "train_images", "val_images", "best_epoch", "wall_seconds", "threshold_rule",
+        "options", "history")}
+    training |= {"temperature": temperature, "test_time_augmentation": "mean of 8 flips/turns" if tta else "none"}
     training["validation_keras"] = record["validation"]
     paths = []
     for quantization, data in (("float32", None), ("int8", representative)):
         path = run_dir / "export" / f"dermwatch-{quantization}.tflite"
         document = card_document(
             name=f"dermwatch-{options['arch']}", version=f"{version}-{quantization}", input_size=size,
-            melanoma_threshold=record["melanoma_threshold"], quantization=quantization, training=training,
+            melanoma_threshold=threshold, quantization=quantization, training=training,
         )
         save_tflite(convert(keras_model, data), path, document)
         check = agreement(Classifier(path, load_card(path), threads=2).predict(val_images), reference)

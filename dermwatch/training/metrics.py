@@ -80,7 +80,9 @@ def melanoma_threshold(probabilities: np.ndarray, y_true: np.ndarray, sensitivit
     if len(scores) == 0:
         raise ValueError("no melanoma among the validation images: cannot choose a threshold")
     needed = int(np.ceil(sensitivity * len(scores)))
-    return float(scores[needed - 1])
+    # A hair below the needed score, so that float rounding in another runtime (LiteRT)
+    # cannot push that melanoma under the threshold.
+    return float(scores[needed - 1]) - 1e-6
 
 
 def summarize(probabilities: np.ndarray, y_true: np.ndarray, threshold: float) -> dict:

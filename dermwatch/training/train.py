@@ -14,15 +14,12 @@ import numpy as np
 import tensorflow as tf
 
 from dermwatch.training.audit import Audit, ManifestRow
-from dermwatch.training.calibration import fit_temperature, softmax
+from dermwatch.training.calibration import THRESHOLD_RULE, calibrate, softmax
 from dermwatch.training.data import class_weights, load_arrays, training_batches
-from dermwatch.training.metrics import MELANOMA_INDEX, balanced_accuracy, melanoma_threshold, roc_auc, summarize
+from dermwatch.training.metrics import MELANOMA_INDEX, balanced_accuracy, roc_auc, summarize
 from dermwatch.training.model import build_model
 
 log = logging.getLogger(__name__)
-
-#: Melanoma sensitivity the alert threshold is chosen for, on validation images.
-TARGET_SENSITIVITY = 0.90
 
 
 @dataclass(frozen=True)
@@ -115,9 +112,7 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
     kept_epoch = keeper.best_epoch if options.keep_best else options.epochs
 
     val_logits = model.predict(x_val.astype(np.float32), batch_size=64, verbose=0)
-    temperature = fit_temperature(val_logits, y_val)
-    val_probabilities = softmax(val_logits / temperature)
-    threshold = melanoma_threshold(val_probabilities, y_val, TARGET_SENSITIVITY)
+    temperature, threshold, val_probabilities = calibrate(val_logits, y_val)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(out_dir / "model.keras")
@@ -131,7 +126,7 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
         "wall_seconds": round(wall_seconds, 1),
         "temperature": temperature,
         "melanoma_threshold": threshold,
-        "threshold_rule": f"highest P(melanoma) that flags >= {TARGET_SENSITIVITY:.0%} of validation melanomas",
+        "threshold_rule": THRESHOLD_RULE,
         "validation": summarize(val_probabilities, y_val, threshold),
         "history": keeper.history,
     }

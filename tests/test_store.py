@@ -1,0 +1,41 @@
+"""The schema: migrations build exactly the models, and go down and up again cleanly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from dermwatch.store.db import alembic_config, current_revision, head_revision, make_engine, upgrade
+from dermwatch.store.models import Base
+
+
+def test_migrations_build_exactly_the_models(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/a.db")
+    upgrade(engine)
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    assert current_revision(engine) == head_revision()
+
+
+def test_downgrade_to_base_and_up_again(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/b.db")
+    upgrade(engine)
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "base")
+    assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+    upgrade(engine)
+    assert {"images", "sightings", "predictions", "rejections", "alerts"} <= set(inspect(engine).get_table_names())
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/sub/c.db")
+    with engine.connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert connection.execute(text("PRAGMA busy_timeout")).scalar() == 30000
