@@ -113,7 +113,7 @@ def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
         if outcome.status == "rejected":
             click.echo(f"rejected: {outcome.name}: {outcome.detail}", err=True)
     vanished = len(files) - len(outcomes)
-    summary = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items())) or "nothing"
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items())) or "no image files found"
     click.echo(f"{summary}{f', {vanished} vanished before they could be taken' if vanished else ''}")
 
 

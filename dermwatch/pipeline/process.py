@@ -70,34 +70,41 @@ class Processor:
     def recover(self) -> list[Outcome]:
         """Finish every arrival an interrupted run left in state/work/."""
         left = reclaim(self.paths.work)
-        if left:
-            log.warning("finishing %d file(s) left in %s by an interrupted run", len(left), self.paths.work)
-        return self.process(left)
+        if not left:
+            return []
+        log.warning("finishing %d file(s) left in %s by an interrupted run", len(left), self.paths.work)
+        outcomes = []
+        for item in left:
+            finished = self._finish_if_recorded(item)
+            outcomes += [finished] if finished else self.process([item])
+        return outcomes
 
     def process(self, items: list[Claimed]) -> list[Outcome]:
         """Process claimed files; classify the decodable ones in one interpreter call."""
         outcomes: list[Outcome] = []
-        to_classify: list[_Arrival] = []
+        to_classify: dict[str, _Arrival] = {}
+        repeats: list[_Arrival] = []  # the same bytes twice in one batch: classified once
         for item in items:
             arrival = _Arrival(item, utc_now())
-            finished = self._finish_if_recorded(item)
-            if finished:
-                outcomes.append(finished)
-                continue
             try:
                 self._read(arrival)
                 seen = self._record_if_seen(arrival)
                 if seen:
                     outcomes.append(seen)
                     continue
+                if arrival.sha256 in to_classify:
+                    repeats.append(arrival)
+                    continue
                 self._decode(arrival)
             except RejectedImage as rejection:
                 outcomes.append(self._reject(arrival, str(rejection)))
                 continue
-            to_classify.append(arrival)
+            to_classify[arrival.sha256] = arrival
         if to_classify:
-            probabilities = self.classifier.predict(np.stack([a.pixels for a in to_classify]))
-            outcomes += [self._store(a, p) for a, p in zip(to_classify, probabilities)]
+            arrivals = list(to_classify.values())
+            probabilities = self.classifier.predict(np.stack([a.pixels for a in arrivals]))
+            outcomes += [self._store(a, p) for a, p in zip(arrivals, probabilities)]
+        outcomes += [self._record_if_seen(a) for a in repeats]
         return outcomes
 
     def _read(self, arrival: _Arrival) -> None:
@@ -144,10 +151,6 @@ class Processor:
         return Outcome(arrival.item.original_name, "seen before", _describe(previous))
 
     def _store(self, arrival: _Arrival, probabilities: np.ndarray) -> Outcome:
-        # The same bytes may arrive twice in one batch: the second is only a sighting.
-        seen = self._record_if_seen(arrival)
-        if seen:
-            return seen
         card = self.classifier.card
         decoded = arrival.decoded
         melanoma_score = float(probabilities[CLASS_NAMES.index(MELANOMA)])
