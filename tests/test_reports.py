@@ -341,3 +341,17 @@ def test_service_writes_missing_past_reports_at_start_up(berlin_config: Path, st
     service = start_service()
     wait_until(lambda: (settings.paths.reports / "2026-03-14.html").exists(), 30, "the missing report")
     assert service.stop() == 0
+
+
+def test_report_command_renders_the_chosen_day(day_of_images, berlin_config: Path) -> None:
+    from click.testing import CliRunner
+
+    from dermwatch.cli import cli
+
+    settings, _ = day_of_images
+    result = CliRunner().invoke(cli, ["report", "--config", str(berlin_config), "--date", "2026-03-14"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == (
+        f"{settings.paths.reports / '2026-03-14.html'}: 5 images, 2 suspected melanoma, 1 could not be read")
+    bad = CliRunner().invoke(cli, ["report", "--config", str(berlin_config), "--date", "14.03.2026"])
+    assert bad.exit_code == 2 and "14.03.2026" in bad.stderr

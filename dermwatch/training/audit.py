@@ -312,17 +312,22 @@ def _mark_test_leaks(rows: list[ManifestRow]) -> list[str]:
 
 
 def _describe_sources(rows: list[ManifestRow]) -> list[str]:
-    """Which camera era each class comes from: a network can learn the camera instead."""
-    table: dict[str, Counter[str]] = defaultdict(Counter)
-    for row in rows:
-        if row.origin == "train" and not row.dropped and row.image_id.startswith("ISIC_"):
-            era = "HAM10000" if row.image_id >= HAM10000_FIRST_ID else "older archive"
-            table[row.resolved_label][era] += 1
-    parts = [
-        f"{label}: {table[label]['older archive']} older / {table[label]['HAM10000']} HAM10000"
-        for label in CLASS_NAMES if label in table
-    ]
-    return ["source of the training files by class (camera bias): " + "; ".join(parts)]
+    """Which camera era each class comes from, in training and in Test: a network can learn
+    the camera instead of the lesion, and a Test class from the other era will show it."""
+    findings = []
+    for origin, title in (("train", "training files"), ("test", "Test files")):
+        table: dict[str, Counter[str]] = defaultdict(Counter)
+        for row in rows:
+            if row.origin == origin and not row.dropped and row.image_id.startswith("ISIC_"):
+                era = "HAM10000" if row.image_id >= HAM10000_FIRST_ID else "older archive"
+                table[row.resolved_label][era] += 1
+        parts = [
+            f"{label}: {table[label]['older archive']} older / {table[label]['HAM10000']} HAM10000"
+            for label in CLASS_NAMES if label in table
+        ]
+        if parts:
+            findings.append(f"source of the {title} by class (camera bias): " + "; ".join(parts))
+    return findings
 
 
 def _describe_result(rows: list[ManifestRow]) -> list[str]:

@@ -20,10 +20,11 @@ from dermwatch.modelcard import SHIPPED_MODEL_NAME, load_card, write_card
 from dermwatch.pipeline.classifier import Classifier
 from dermwatch.preprocess import RESAMPLE
 from dermwatch.training.audit import ManifestRow
-from dermwatch.training.calibration import calibrate
+from dermwatch.training.calibration import TARGET_SENSITIVITY, calibrate
 from dermwatch.training.card_html import render_card_html
 from dermwatch.training.data import load_arrays
 from dermwatch.training.evaluate import evaluate_model
+from dermwatch.training.metrics import melanoma_threshold
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,9 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False) -> 
     """Export a training run's best model as float32 and int8 TFLite with checked cards.
 
     Each is then scored through LiteRT on validation and Test (see evaluate.py); the
-    scores go into its card, next to an HTML rendering of the card. With ``tta`` the
-    temperature and the melanoma threshold are fitted again on validation, for the
-    averaged logits the exported model computes.
+    scores go into its card, next to an HTML rendering of the card. The melanoma threshold
+    is chosen on validation for each file, from the probabilities LiteRT computes with it;
+    with ``tta`` the temperature is fitted again too, for the averaged logits.
     """
     record = json.loads((run_dir / "training.json").read_text())
     options = record["options"]
@@ -120,10 +121,10 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False) -> 
     picked = [train_rows[i] for i in rng.choice(len(train_rows), min(REPRESENTATIVE_IMAGES, len(train_rows)), replace=False)]
     representative, _ = load_arrays(picked, size)
     val_images, val_labels = load_arrays([r for r in rows if r.split == "val"], size)
-    temperature, threshold = record["temperature"], record["melanoma_threshold"]
+    temperature = record["temperature"]
     if tta:
         logits = with_probabilities(trained, 1.0, tta=True).predict(val_images.astype(np.float32), verbose=0)
-        temperature, threshold, _ = calibrate(np.log(logits), val_labels)
+        temperature, _, _ = calibrate(np.log(logits), val_labels)
     keras_model = with_probabilities(trained, temperature, tta=tta)
     reference = keras_model.predict(val_images.astype(np.float32), batch_size=64, verbose=0)
 
@@ -138,11 +139,16 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False) -> 
         path = run_dir / "export" / f"dermwatch-{quantization}.tflite"
         document = card_document(
             name=f"dermwatch-{options['arch']}", version=f"{version}-{quantization}", input_size=size,
-            melanoma_threshold=threshold, quantization=quantization, training=training,
+            melanoma_threshold=record["melanoma_threshold"], quantization=quantization, training=training,
         )
         save_tflite(convert(keras_model, data), path, document)
-        check = agreement(Classifier(path, load_card(path), threads=2).predict(val_images), reference)
+        val_probabilities = Classifier(path, load_card(path), threads=2).predict(val_images)
+        # The threshold is chosen again on what this very file computes: int8 rounding
+        # moves probabilities enough to cost sensitivity at the float threshold.
+        document["melanoma_threshold"] = melanoma_threshold(val_probabilities, val_labels, TARGET_SENSITIVITY)
+        check = agreement(val_probabilities, reference)
         document["export_check"] = check
+        write_card(path, document)
         document["evaluation"] = evaluate_model(path, rows)
         write_card(path, document)
         render_card_html(load_card(path).document, path.with_suffix(".html"))
