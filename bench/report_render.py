@@ -51,7 +51,8 @@ def main() -> None:
             rendered = reporter.render(today)
             timings.append(time.perf_counter() - started)
         size = rendered.html.stat().st_size
-        print(f"{len(photos)} images ({rendered.flagged} flagged, {rendered.rejected} unreadable): "
+        print(f"{len(photos)} arrivals = {rendered.images} distinct images ({rendered.flagged} flagged, "
+              f"{rendered.rejected} unreadable; the data set repeats some images byte for byte): "
               f"render {timings[0]:.1f} s cold, {timings[1]:.1f} s warm; "
               f"HTML {size / 1e6:.1f} MB, CSV {rendered.csv.stat().st_size / 1e3:.0f} kB, "
               f"JSON {rendered.json.stat().st_size / 1e3:.0f} kB")

@@ -154,14 +154,16 @@ def test_index_lists_every_day(day_of_images) -> None:
     assert "<strong>2</strong>" in index
 
 
-def test_thumbnails_carry_no_metadata_and_fit_256_pixels(day_of_images) -> None:
+def test_thumbnails_carry_no_metadata_and_fit_their_size(day_of_images) -> None:
     settings, reporter = day_of_images
     reporter.render(DAY)
-    thumbnails = list((settings.paths.state / "cache" / "thumbnails").iterdir())
-    assert thumbnails
-    for path in thumbnails:
-        with Image.open(path) as image:
-            assert max(image.size) <= 256
+    for side in (256, 96):
+        thumbnails = list((settings.paths.state / "cache" / f"thumbnails-{side}").iterdir())
+        assert thumbnails
+        for path in thumbnails:
+            with Image.open(path) as image:
+                assert max(image.size) == side  # the 400x300 originals shrink to this
+                assert not image.getexif() and "icc_profile" not in image.info and "comment" not in image.info
             assert not image.getexif() and "icc_profile" not in image.info and "comment" not in image.info
 
 

@@ -20,7 +20,8 @@ from dermwatch.pipeline.decode import read_rgb
 from dermwatch.preprocess import to_model_input
 from dermwatch.reports.atomic import write_atomically
 
-THUMBNAIL_SIDE = 256
+THUMBNAIL_SIDE = 256  # suspected melanoma: big enough to judge
+LIST_THUMBNAIL_SIDE = 96  # every other image: enough to recognise it, and keeps the page small
 OCCLUSION_GRID = 8
 _MELANOMA = CLASS_NAMES.index(MELANOMA)
 
@@ -33,15 +34,15 @@ class Pictures:
         self.classifier = classifier
         self.max_pixels = max_pixels
 
-    def thumbnail(self, archive_path: str, sha256: str) -> str | None:
-        """A data: URI of a JPEG at most 256 px on a side, without any metadata; None if the file is gone."""
-        cached = self.cache_dir / "thumbnails" / f"{sha256}.jpg"
+    def thumbnail(self, archive_path: str, sha256: str, side: int = THUMBNAIL_SIDE) -> str | None:
+        """A data: URI of a JPEG at most ``side`` px on a side, without any metadata; None if the file is gone."""
+        cached = self.cache_dir / f"thumbnails-{side}" / f"{sha256}.jpg"
         if not cached.exists():
             source = Path(archive_path)
             if not source.is_file():
                 return None
-            image = read_rgb(source, max_pixels=self.max_pixels, draft_size=THUMBNAIL_SIDE).image
-            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+            image = read_rgb(source, max_pixels=self.max_pixels, draft_size=side).image
+            image.thumbnail((side, side), Image.Resampling.LANCZOS)
             write_atomically(cached, _jpeg(image))
         return _data_uri(cached.read_bytes())
 

@@ -16,7 +16,7 @@ from dermwatch.labels import CLASS_NAMES, MALIGNANT, display_name
 from dermwatch.modelcard import ModelCard
 from dermwatch.reports.atomic import write_atomically
 from dermwatch.reports.day import Day, ImageRow, load_day
-from dermwatch.reports.pictures import Pictures
+from dermwatch.reports.pictures import LIST_THUMBNAIL_SIDE, Pictures
 
 CSV_FIELDS = [
     "status", "received_at", "original_name", "sha256", "patient_reference", "lesion_reference", "body_site",
@@ -50,7 +50,7 @@ def render_day(engine: Engine, day: date, *, reports_dir: Path, site_name: str, 
     stem = reports_dir / day.isoformat()
     page = _environment.get_template("report.html").render(
         day=loaded, site_name=site_name, card=card, threshold_words=_threshold_words(card),
-        class_counts=loaded.class_counts(), malignant=MALIGNANT, pictures=pictures,
+        class_counts=loaded.class_counts(), malignant=MALIGNANT, pictures=pictures, list_side=LIST_THUMBNAIL_SIDE,
         zone_name=str(zone),
     )
     write_atomically(stem.with_suffix(".html"), page.encode())
