@@ -8,13 +8,13 @@ is an error that names the key. Relative paths resolve against the config file's
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from datetime import time
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import tomllib
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import write_jpeg
 from sqlalchemy import create_engine, text
 
-from conftest import write_jpeg
 from dermwatch.cli import cli
 from dermwatch.config import Settings
 from dermwatch.labels import CLASS_NAMES

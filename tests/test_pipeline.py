@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import totals, write_jpeg
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from conftest import totals, write_jpeg
 from dermwatch.config import Settings
 from dermwatch.pipeline.process import Processor, open_processor
 from dermwatch.store.models import Image as ImageRow

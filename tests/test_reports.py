@@ -14,18 +14,19 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
+from conftest import wait_until, write_jpeg
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from conftest import wait_until, write_jpeg
 from dermwatch.config import ReportSettings, Settings, load_settings
 from dermwatch.labels import CLASS_NAMES
 from dermwatch.modelcard import load_card
 from dermwatch.pipeline.classifier import load_classifier
 from dermwatch.reports.render import Reporter
 from dermwatch.store.db import ensure_schema, make_engine
-from dermwatch.store.models import Alert, Image as ImageRow, Prediction, Rejection, Sighting, probability_column
+from dermwatch.store.models import Alert, Prediction, Rejection, Sighting, probability_column
+from dermwatch.store.models import Image as ImageRow
 from dermwatch.watcher.schedule import ReportSchedule
 
 BERLIN = ZoneInfo("Europe/Berlin")

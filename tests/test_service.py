@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import totals, wait_until, write_jpeg
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
-from conftest import totals, wait_until, write_jpeg
 from dermwatch.config import Settings, load_settings
 from dermwatch.store.models import Image as ImageRow
 from dermwatch.store.models import Sighting

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import write_jpeg
 from PIL import Image
 
-from conftest import write_jpeg
 from dermwatch.cli import cli
 from dermwatch.labels import CLASS_NAMES
 from dermwatch.training.audit import audit
@@ -43,10 +43,10 @@ def planted(tmp_path: Path) -> dict[str, Path]:
     root = tmp_path / "isic9"
     seed = 0
     for label in CLASS_NAMES:
-        for i in range(8):
+        for _ in range(8):
             seed += 1
             lesion_image(root / "Train" / label / f"ISIC_{seed:07d}.jpg", label, seed)
-        for i in range(2):
+        for _ in range(2):
             seed += 1
             lesion_image(root / "Test" / label / f"ISIC_{seed:07d}.jpg", label, seed)
     train, test = root / "Train", root / "Test"

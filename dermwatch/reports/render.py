@@ -8,12 +8,15 @@ import json
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import Engine
 
+from dermwatch.config import Settings
 from dermwatch.labels import CLASS_NAMES, MALIGNANT, display_name
 from dermwatch.modelcard import ModelCard
+from dermwatch.pipeline.classifier import Classifier
 from dermwatch.reports.atomic import write_atomically
 from dermwatch.reports.day import Day, ImageRow, load_day
 from dermwatch.reports.pictures import LIST_THUMBNAIL_SIDE, Pictures
@@ -43,7 +46,7 @@ class Rendered:
 
 
 def render_day(engine: Engine, day: date, *, reports_dir: Path, site_name: str, card: ModelCard | None,
-               pictures: Pictures, zone) -> Rendered:
+               pictures: Pictures, zone: ZoneInfo) -> Rendered:
     """Write reports_dir/YYYY-MM-DD.{html,csv,json} for ``day`` and refresh the index."""
     loaded = load_day(engine, day, zone)
     rows = _flat_rows(loaded)
@@ -128,7 +131,7 @@ def _csv(rows: list[dict]) -> str:
 class Reporter:
     """What rendering needs, opened once: database, model card, picture cache, settings."""
 
-    def __init__(self, settings, engine: Engine, classifier) -> None:
+    def __init__(self, settings: Settings, engine: Engine, classifier: Classifier | None) -> None:
         self.settings = settings
         self.engine = engine
         self.card = classifier.card if classifier is not None else None

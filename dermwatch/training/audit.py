@@ -15,7 +15,6 @@ from pathlib import Path
 
 import imagehash
 import numpy as np
-from PIL import Image
 
 from dermwatch.errors import RejectedImage
 from dermwatch.labels import CLASS_NAMES

@@ -47,7 +47,7 @@ def _dermnet(input_size: int, width: int, dropout: float) -> keras.Model:
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
     x = _conv_bn(x, width, 3, strides=2)
     x = _conv_bn(x, width, 3)
-    for stage, filters in enumerate((width * 2, width * 4, width * 8, width * 12)):
+    for filters in (width * 2, width * 4, width * 8, width * 12):
         x = _residual_block(x, filters, strides=2)
         x = _residual_block(x, filters, strides=1)
     x = layers.GlobalAveragePooling2D()(x)
