@@ -187,3 +187,16 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     assert float_card["export_check"]["top1_agreement"] == 1.0
     assert float_card["export_check"]["max_probability_difference"] < 1e-4
     assert "chosen for shipping: dermwatch-" in exported.output
+
+
+def test_training_is_repeatable_with_the_same_seed(planted: dict[str, Path], tmp_path: Path) -> None:
+    histories = []
+    for attempt in ("a", "b"):
+        result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth",
+                                          str(planted["truth"]), "--out", str(tmp_path / attempt), "--epochs", "2",
+                                          "--input-size", "32", "--width", "4", "--batch-size", "16", "--seed", "5"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        history = json.loads((tmp_path / attempt / "training.json").read_text())["history"]
+        histories.append([{k: v for k, v in epoch.items() if k != "seconds"} for epoch in history])
+    assert histories[0] == histories[1]

@@ -84,6 +84,8 @@ class KeepBestEpoch(keras.callbacks.Callback):
 def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
     """Fit, keep the best epoch, calibrate, choose the melanoma threshold; save to ``out_dir``."""
     keras.utils.set_random_seed(options.seed)
+    # Same seed, same data -> the same model: deterministic kernels and tf.data order.
+    tf.config.experimental.enable_op_determinism()
     rows = audit.rows
     train_rows = [r for r in rows if r.split == "train"]
     val_rows = [r for r in rows if r.split == "val"]
