@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -107,11 +108,10 @@ def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
         from dermwatch.alerts import send_pending
 
         send_pending(processor.engine, settings.alerts, settings.reports.site_name, settings.reports.timezone)
-    by_status: dict[str, int] = {}
     for outcome in outcomes:
-        by_status[outcome.status] = by_status.get(outcome.status, 0) + 1
         if outcome.status == "rejected":
             click.echo(f"rejected: {outcome.name}: {outcome.detail}", err=True)
+    by_status = Counter(outcome.status for outcome in outcomes)
     vanished = len(files) - len(outcomes)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items())) or "no image files found"
     click.echo(f"{summary}{f', {vanished} vanished before they could be taken' if vanished else ''}")

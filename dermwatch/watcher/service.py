@@ -1,6 +1,6 @@
 """`dermwatch run`: the long-running service loop.
 
-Start-up order: database schema, model, folders, then recovery of interrupted work, the
+Start-up order: model, database schema, folders, then recovery of interrupted work, the
 observer and a first scan; only then READY=1. On SIGTERM or SIGINT the batch in hand is
 finished and committed, and the process exits 0.
 """
