@@ -2,7 +2,7 @@
 
 Makes 500 full-size JPEGs (1024x768) by upscaling data-set images, then measures:
   1. the decode limit: the same files only decoded and resized to the model input
-     (the pipeline's own read_rgb + to_model_input), in one process;
+     (the pipeline's own read_model_input), in one process;
   2. `dermwatch process` on the same files (subprocess; wall time with and without start-up);
   3. `dermwatch run`: time to READY=1, resident memory after READY and at its peak while a
      burst of the same 500 files is classified, and the service's throughput on that burst.
@@ -27,8 +27,7 @@ from pathlib import Path
 from PIL import Image
 
 from dermwatch.modelcard import load_card, shipped_model_path
-from dermwatch.pipeline.decode import read_rgb
-from dermwatch.preprocess import to_model_input
+from dermwatch.pipeline.decode import read_model_input
 
 FULL_SIZE = (1024, 768)
 
@@ -48,7 +47,7 @@ def make_photos(data: Path, out: Path, count: int, seed: int = 0) -> list[Path]:
 def decode_limit(photos: list[Path], size: int) -> float:
     started = time.perf_counter()
     for path in photos:
-        to_model_input(read_rgb(path.read_bytes(), max_pixels=50_000_000, draft_size=size).image, size)
+        read_model_input(path.read_bytes(), size, max_pixels=50_000_000)
     return len(photos) / (time.perf_counter() - started)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -15,7 +14,7 @@ import click
 from dermwatch.config import Settings, load_settings
 from dermwatch.errors import DermwatchError, ModelError, RejectedImage
 from dermwatch.labels import CLASS_NAMES, MELANOMA
-from dermwatch.pipeline.claim import is_candidate
+from dermwatch.pipeline.claim import iter_candidates
 
 # Training commands need TensorFlow-side packages, so they are imported only when asked for.
 _TRAINING_COMMANDS = {
@@ -125,8 +124,7 @@ def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
 def classify(config_path: Path | None, paths: tuple[Path, ...], output_format: str) -> None:
     """Classify images and print the result; stores and moves nothing."""
     from dermwatch.pipeline.classifier import load_classifier
-    from dermwatch.pipeline.decode import read_rgb
-    from dermwatch.preprocess import to_model_input
+    from dermwatch.pipeline.decode import read_model_input
 
     settings = load_settings(config_path)
     classifier = load_classifier(settings.model.path, settings.model.threads)
@@ -134,12 +132,12 @@ def classify(config_path: Path | None, paths: tuple[Path, ...], output_format: s
     results, failures = [], 0
     for path in _collect(paths):
         try:
-            decoded = read_rgb(path, max_pixels=settings.max_pixels, draft_size=classifier.input_size)
+            _, pixels = read_model_input(path, classifier.input_size, max_pixels=settings.max_pixels)
         except RejectedImage as rejection:
             click.echo(f"error: {path}: {rejection}", err=True)
             failures += 1
             continue
-        probabilities = classifier.predict(to_model_input(decoded.image, classifier.input_size)[None])[0]
+        probabilities = classifier.predict(pixels[None])[0]
         results.append((path, probabilities))
     _print_classifications(results, threshold, output_format)
     if failures:
@@ -229,9 +227,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
 
 def _pending(settings: Settings) -> int:
     """Files waiting in the intake folder, plus arrivals not yet finished in state/work/."""
-    waiting = sum(
-        is_candidate(name) for _folder, _dirs, files in os.walk(settings.paths.intake) for name in files
-    ) if settings.paths.intake.is_dir() else 0
+    waiting = sum(1 for _ in iter_candidates(settings.paths.intake))
     if settings.paths.work.is_dir():
         waiting += sum(1 for p in settings.paths.work.iterdir() if not p.name.endswith(".json"))
     return waiting
@@ -274,10 +270,7 @@ def _collect(paths: tuple[Path, ...]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir() and not path.is_symlink():
-            files += sorted(
-                Path(folder) / name
-                for folder, _dirs, names in os.walk(path) for name in names if is_candidate(name)
-            )
+            files += iter_candidates(path)
         else:
             files.append(path)
     return files

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,20 @@ def is_candidate(name: str) -> bool:
     """Whether a file name in the intake folder is an image to take (sidecars come along)."""
     lowered = name.lower()
     return not name.startswith(_IGNORED_PREFIXES) and not lowered.endswith(_IGNORED_SUFFIXES)
+
+
+def iter_candidates(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder`` to take, in a stable order; missing folder: none.
+
+    Symlinked folders are not followed but yielded like files, so they are refused with a
+    reason instead of being skipped in silence.
+    """
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        links = [name for name in dirs if os.path.islink(os.path.join(parent, name))]
+        for name in sorted([*files, *links]):
+            if is_candidate(name):
+                yield Path(parent) / name
 
 
 def sidecar_of(path: Path) -> Path:

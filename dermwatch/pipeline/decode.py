@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dermwatch.errors import RejectedImage
+from dermwatch.preprocess import to_model_input
 
 #: Formats a dermatoscope or a clinic's camera produces (MPO is a multi-picture JPEG).
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG"})
@@ -64,6 +65,13 @@ def read_rgb(source: Path | bytes, *, max_pixels: int, draft_size: int | None = 
     if transposed:
         width, height = height, width
     return DecodedImage(image=rgb, format=fmt, width=width, height=height)
+
+
+def read_model_input(source: Path | bytes, size: int, *, max_pixels: int) -> tuple[DecodedImage, np.ndarray]:
+    """The decoded file and exactly the pixels the model sees: the one path from file to
+    model input, shared by the service, `classify`, training, evaluation and the heatmaps."""
+    decoded = read_rgb(source, max_pixels=max_pixels, draft_size=size)
+    return decoded, to_model_input(decoded.image, size)
 
 
 def _open(source: Path | bytes) -> Path | BinaryIO:

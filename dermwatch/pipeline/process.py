@@ -23,9 +23,8 @@ from dermwatch.errors import RejectedImage
 from dermwatch.labels import CLASS_NAMES, MELANOMA
 from dermwatch.pipeline.claim import Claimed, claim, place, reclaim
 from dermwatch.pipeline.classifier import Classifier, load_classifier
-from dermwatch.pipeline.decode import DecodedImage, read_rgb
+from dermwatch.pipeline.decode import DecodedImage, read_model_input
 from dermwatch.pipeline.sidecar import read_sidecar
-from dermwatch.preprocess import to_model_input
 from dermwatch.store.db import ensure_schema, make_engine, session_scope
 from dermwatch.store.models import Alert, Image, Prediction, Rejection, Sighting, probability_column, utc_now
 
@@ -120,9 +119,9 @@ class Processor:
         arrival.sidecar = read_sidecar(arrival.item.sidecar_path)
 
     def _decode(self, arrival: _Arrival) -> None:
-        size = self.classifier.input_size
-        arrival.decoded = read_rgb(arrival.data, max_pixels=self.max_pixels, draft_size=size)
-        arrival.pixels = to_model_input(arrival.decoded.image, size)
+        arrival.decoded, arrival.pixels = read_model_input(
+            arrival.data, self.classifier.input_size, max_pixels=self.max_pixels
+        )
 
     def _finish_if_recorded(self, item: Claimed) -> Outcome | None:
         """After a crash: an arrival whose result is committed only needs its file moved."""

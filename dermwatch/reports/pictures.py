@@ -16,8 +16,7 @@ from PIL import Image
 
 from dermwatch.labels import CLASS_NAMES, MELANOMA
 from dermwatch.pipeline.classifier import Classifier
-from dermwatch.pipeline.decode import read_rgb
-from dermwatch.preprocess import to_model_input
+from dermwatch.pipeline.decode import read_model_input, read_rgb
 from dermwatch.reports.atomic import write_atomically
 
 THUMBNAIL_SIDE = 256  # suspected melanoma: big enough to judge
@@ -55,9 +54,10 @@ class Pictures:
             source = Path(archive_path)
             if not source.is_file():
                 return None
-            size = self.classifier.input_size
+            # The heatmap starts from the very pixels the service classified.
+            _, pixels = read_model_input(source, self.classifier.input_size, max_pixels=self.max_pixels)
+            heat = occlusion_map(self.classifier, pixels)
             picture = read_rgb(source, max_pixels=self.max_pixels, draft_size=THUMBNAIL_SIDE).image
-            heat = occlusion_map(self.classifier, to_model_input(picture, size))
             picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
             write_atomically(cached, _jpeg(overlay(picture, heat)))
         return _data_uri(cached.read_bytes())

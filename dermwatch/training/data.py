@@ -9,8 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from dermwatch.labels import CLASS_NAMES
-from dermwatch.pipeline.decode import read_rgb
-from dermwatch.preprocess import to_model_input
+from dermwatch.pipeline.decode import read_model_input
 from dermwatch.training.audit import TRAINING_MAX_PIXELS, ManifestRow
 
 
@@ -18,8 +17,7 @@ def load_arrays(rows: list[ManifestRow], input_size: int, *, labels: str = "reso
     """Decode and resize ``rows`` exactly as the service does; return (uint8 NxHxWx3, int labels)."""
     images = np.empty((len(rows), input_size, input_size, 3), dtype=np.uint8)
     for i, row in enumerate(rows):
-        decoded = read_rgb(Path(row.path), max_pixels=TRAINING_MAX_PIXELS, draft_size=input_size)
-        images[i] = to_model_input(decoded.image, input_size)
+        _, images[i] = read_model_input(Path(row.path), input_size, max_pixels=TRAINING_MAX_PIXELS)
     names = [row.resolved_label if labels == "resolved" else row.folder_label for row in rows]
     return images, np.array([CLASS_NAMES.index(n) for n in names], dtype=np.int32)
 

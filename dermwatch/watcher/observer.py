@@ -19,7 +19,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from dermwatch.pipeline.claim import is_candidate
+from dermwatch.pipeline.claim import is_candidate, iter_candidates
 from dermwatch.watcher.settle import SettleTracker
 
 
@@ -61,16 +61,9 @@ def start_observer(intake: Path, tracker: SettleTracker, *, polling: bool, poll_
 
 
 def scan(intake: Path, tracker: SettleTracker) -> int:
-    """Report every candidate file under ``intake``; return how many there are.
-
-    Symlinked folders are not followed but reported like files, so they are refused
-    with a reason instead of being skipped in silence.
-    """
+    """Report every candidate file under ``intake``; return how many there are."""
     found = 0
-    for folder, dirs, files in os.walk(intake):
-        links = [name for name in dirs if os.path.islink(os.path.join(folder, name))]
-        for name in [*files, *links]:
-            if is_candidate(name):
-                tracker.discovered(Path(folder) / name)
-                found += 1
+    for path in iter_candidates(intake):
+        tracker.discovered(path)
+        found += 1
     return found
