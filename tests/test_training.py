@@ -200,3 +200,36 @@ def test_training_is_repeatable_with_the_same_seed(planted: dict[str, Path], tmp
         history = json.loads((tmp_path / attempt / "training.json").read_text())["history"]
         histories.append([{k: v for k, v in epoch.items() if k != "seconds"} for epoch in history])
     assert histories[0] == histories[1]
+
+
+def test_logit_adjustment_is_folded_into_the_last_layer() -> None:
+    import keras
+
+    from dermwatch.training.data import class_priors
+    from dermwatch.training.model import build_model
+    from dermwatch.training.train import add_to_logit_bias
+
+    labels = np.array([4] * 6 + [3] * 3 + [0])  # six nevi, three melanomas, one actinic keratosis
+    priors = class_priors(labels)
+    assert priors[4] == 6 / 16 and priors[8] == 1 / 16  # a class with no example counts as one
+    keras.utils.set_random_seed(0)
+    model = build_model("dermnet", 32, width=4)
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    before = model.predict(pixels, verbose=0)
+    add_to_logit_bias(model, -np.log(priors))
+    after = model.predict(pixels, verbose=0)
+    np.testing.assert_allclose(after - before, np.broadcast_to(-np.log(priors), before.shape), atol=1e-4)
+    # The commonest class gains least: the adjustment undoes the training prior.
+    assert np.argmin(after - before, axis=1).tolist() == [4, 4]
+
+
+def test_train_with_logit_adjustment_records_its_mode(planted: dict[str, Path], tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth", str(planted["truth"]),
+                                      "--out", str(tmp_path / "run"), "--epochs", "1", "--input-size", "32",
+                                      "--width", "4", "--batch-size", "16", "--balance", "logit-adjust"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "training.json").read_text())["options"]["balance"] == "logit-adjust"
+    refused = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--out", str(tmp_path / "x"),
+                                       "--balance", "oversample"])
+    assert refused.exit_code == 2 and "oversample" in refused.output

@@ -29,6 +29,12 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {i: float(w) for i, w in enumerate(weights)}
 
 
+def class_priors(labels: np.ndarray) -> np.ndarray:
+    """Each class's share of ``labels``; a class with no example counts as one, so its log is finite."""
+    counts = np.maximum(np.bincount(labels, minlength=len(CLASS_NAMES)), 1).astype(np.float32)
+    return counts / counts.sum()
+
+
 def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
                      augment: bool = True) -> tf.data.Dataset:
     """Shuffled batches with on-the-fly augmentation; nothing augmented is ever stored."""

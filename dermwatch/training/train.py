@@ -13,29 +13,41 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dermwatch.labels import CLASS_NAMES
 from dermwatch.training.audit import Audit, ManifestRow
 from dermwatch.training.calibration import THRESHOLD_RULE, calibrate, softmax
-from dermwatch.training.data import class_weights, load_arrays, training_batches
+from dermwatch.training.data import class_priors, class_weights, load_arrays, training_batches
 from dermwatch.training.metrics import MELANOMA_INDEX, balanced_accuracy, roc_auc, summarize
 from dermwatch.training.model import build_model
 
 log = logging.getLogger(__name__)
 
 
+BALANCE_MODES = ("weights", "logit-adjust", "none")
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     arch: str = "dermnet"
-    input_size: int = 160
+    input_size: int = 180  # the data's own size: no resampling of what the publisher shrank
     width: int = 32
     epochs: int = 50
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 0
-    balance: bool = True  # weight the loss by inverse class frequency
+    # How class imbalance is handled: "weights" weights the loss by inverse class frequency;
+    # "logit-adjust" trains on the data as it is and subtracts log(class prior) from the
+    # logits afterwards (Menon et al., 2021), which targets balanced error; "none" does neither.
+    balance: str = "weights"
     augment: bool = True  # flips, rotations, affine and colour jitter on the fly
     schedule: str = "cosine"  # cosine: AdamW, warm-up then cosine decay; constant: plain Adam
     keep_best: bool = True  # restore the best validation epoch; False keeps the last one
+    ema: bool = True  # score and keep an exponential moving average of the weights (cosine only)
+
+    def __post_init__(self) -> None:
+        if self.balance not in BALANCE_MODES:
+            raise ValueError(f"unknown balance mode {self.balance!r}; choose one of {', '.join(BALANCE_MODES)}")
 
 
 def data_fingerprint(rows: list[ManifestRow]) -> str:
@@ -50,15 +62,16 @@ class KeepBestEpoch(keras.callbacks.Callback):
     The score is balanced accuracy plus melanoma ROC AUC: the two things a clinic needs.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, logit_offset: np.ndarray | None = None) -> None:
         super().__init__()
         self.images, self.labels = images, labels
+        self.logit_offset = np.zeros(len(CLASS_NAMES), np.float32) if logit_offset is None else logit_offset
         self.history: list[dict] = []
         self.best_score, self.best_epoch, self.best_weights = -np.inf, -1, None
         self.started = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logits = self.model.predict(self.images, batch_size=64, verbose=0)
+        logits = self.model.predict(self.images, batch_size=64, verbose=0) + self.logit_offset
         predicted = logits.argmax(axis=1)
         record = {
             "epoch": epoch + 1,
@@ -99,19 +112,24 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    keeper = KeepBestEpoch(x_val.astype(np.float32), y_val)
+    logit_offset = -np.log(class_priors(y_train)) if options.balance == "logit-adjust" else None
+    keeper = KeepBestEpoch(x_val.astype(np.float32), y_val, logit_offset)
+    # With EMA, the averaged weights are swapped in before the keeper scores each epoch.
+    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), keeper] if _uses_ema(options) else [keeper]
     started = time.monotonic()
     model.fit(
         training_batches(x_train, y_train, options.batch_size, options.seed, augment=options.augment),
         epochs=options.epochs,
-        class_weight=class_weights(y_train) if options.balance else None,
-        callbacks=[keeper],
+        class_weight=class_weights(y_train) if options.balance == "weights" else None,
+        callbacks=callbacks,
         verbose=0,
     )
     wall_seconds = time.monotonic() - started
     if options.keep_best:
         model.set_weights(keeper.best_weights)
     kept_epoch = keeper.best_epoch if options.keep_best else options.epochs
+    if logit_offset is not None:
+        add_to_logit_bias(model, logit_offset)
 
     val_logits = model.predict(x_val.astype(np.float32), batch_size=64, verbose=0)
     temperature, threshold, val_probabilities = calibrate(val_logits, y_val)
@@ -140,10 +158,23 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
     return record
 
 
+def add_to_logit_bias(model: keras.Model, offset: np.ndarray) -> None:
+    """Fold a constant logit offset into the last layer, so every later step sees one model."""
+    layer = model.get_layer("logits")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([kernel, bias + offset.astype(bias.dtype)])
+
+
 def _optimizer(options: TrainOptions, steps: int) -> keras.optimizers.Optimizer:
     if options.schedule == "constant":
         return keras.optimizers.Adam(options.learning_rate)
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, steps, warmup_target=options.learning_rate, warmup_steps=max(steps // 20, 1)
     )
-    return keras.optimizers.AdamW(schedule, weight_decay=options.weight_decay)
+    return keras.optimizers.AdamW(
+        schedule, weight_decay=options.weight_decay, use_ema=_uses_ema(options), ema_momentum=0.995
+    )
+
+
+def _uses_ema(options: TrainOptions) -> bool:
+    return options.ema and options.schedule == "cosine"
