@@ -11,6 +11,7 @@ from ai_edge_litert.interpreter import Interpreter
 from dermwatch.errors import ModelError
 from dermwatch.labels import CLASS_NAMES
 from dermwatch.modelcard import ModelCard, load_card, shipped_model_path
+from dermwatch.preprocess import normalize_colour
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,12 @@ class Classifier:
         return self.card.input_size
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities (N x 9, float32) for a uint8 batch of N x size x size x 3 images."""
+        """Probabilities (N x 9, float32) for a uint8 batch of N x size x size x 3 images.
+
+        The card's colour mode is applied here, so the service, `classify`, evaluation and
+        the heatmaps all feed the model what it was trained on.
+        """
+        pixels = normalize_colour(pixels, self.card.colour)
         if len(pixels) != self._batch:
             self._interpreter.resize_tensor_input(self._input["index"], [len(pixels), *pixels.shape[1:]])
             self._interpreter.allocate_tensors()

@@ -48,11 +48,13 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
 @click.option("--learning-rate", default=2e-3, show_default=True)
 @click.option("--balance", type=click.Choice(["weights", "logit-adjust", "none"]), default="weights", show_default=True,
               help="Class imbalance: inverse-frequency loss weights, or log-prior logit adjustment after training.")
+@click.option("--colour", type=click.Choice(["as-is", "shades-of-grey"]), default="as-is", show_default=True,
+              help="Remove each image's colour cast before training (and, via the card, before inference).")
 @click.option("--no-ema", is_flag=True, help="Score and keep the raw weights, not their moving average.")
 @seed_option
 def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_dir: Path, arch: str,
                   input_size: int, width: int, epochs: int, batch_size: int, learning_rate: float,
-                  balance: str, no_ema: bool, seed: int) -> None:
+                  balance: str, colour: str, no_ema: bool, seed: int) -> None:
     """Audit the data, split it by lesion, and train a network from scratch."""
     from dermwatch.training.train import TrainOptions, train
 
@@ -62,7 +64,7 @@ def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_d
     (out_dir / "audit.txt").write_text("".join(f"- {f}\n" for f in result.findings))
     options = TrainOptions(arch=arch, input_size=input_size, width=width, epochs=epochs,
                            batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                           balance=balance, ema=not no_ema)
+                           balance=balance, colour=colour, ema=not no_ema)
     record = train(result, out_dir, options)
     validation = record["validation"]
     click.echo(

@@ -18,7 +18,7 @@ import tensorflow as tf
 from dermwatch.labels import CLASS_NAMES
 from dermwatch.modelcard import SHIPPED_MODEL_NAME, load_card, write_card
 from dermwatch.pipeline.classifier import Classifier
-from dermwatch.preprocess import RESAMPLE
+from dermwatch.preprocess import RESAMPLE, normalize_colour
 from dermwatch.training.audit import ManifestRow
 from dermwatch.training.calibration import TARGET_SENSITIVITY, calibrate
 from dermwatch.training.card_html import render_card_html
@@ -69,7 +69,7 @@ def convert(model: keras.Model, representative: np.ndarray | None = None) -> byt
 
 
 def card_document(*, name: str, version: str, input_size: int, melanoma_threshold: float,
-                  quantization: str, **extra: Any) -> dict[str, Any]:
+                  quantization: str, colour: str = "as-is", **extra: Any) -> dict[str, Any]:
     """The fields the service needs, plus whatever training and evaluation add."""
     return {
         "name": name,
@@ -81,6 +81,7 @@ def card_document(*, name: str, version: str, input_size: int, melanoma_threshol
             "channels": "RGB",
             "values": "raw pixel values 0-255; the model scales them itself",
             "resize": f"whole frame squashed to {input_size}x{input_size} ({RESAMPLE.name.lower()}), never cropped",
+            "colour": colour,
         },
         "output": "calibrated probabilities of the nine labels, in order",
         "quantization": quantization,
@@ -119,14 +120,16 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False) -> 
     rng = np.random.default_rng(options["seed"])
     train_rows = [r for r in rows if r.split == "train"]
     picked = [train_rows[i] for i in rng.choice(len(train_rows), min(REPRESENTATIVE_IMAGES, len(train_rows)), replace=False)]
-    representative, _ = load_arrays(picked, size)
+    colour = options.get("colour", "as-is")  # runs from before colour modes have none
+    representative = normalize_colour(load_arrays(picked, size)[0], colour)
     val_images, val_labels = load_arrays([r for r in rows if r.split == "val"], size)
+    val_normalized = normalize_colour(val_images, colour)  # what the Keras model sees; LiteRT gets raw
     temperature = record["temperature"]
     if tta:
-        logits = with_probabilities(trained, 1.0, tta=True).predict(val_images.astype(np.float32), verbose=0)
+        logits = with_probabilities(trained, 1.0, tta=True).predict(val_normalized.astype(np.float32), verbose=0)
         temperature, _, _ = calibrate(np.log(logits), val_labels)
     keras_model = with_probabilities(trained, temperature, tta=tta)
-    reference = keras_model.predict(val_images.astype(np.float32), batch_size=64, verbose=0)
+    reference = keras_model.predict(val_normalized.astype(np.float32), batch_size=64, verbose=0)
 
     version = version or f"{options['arch']}{size}-{datetime.now(timezone.utc):%Y%m%d}"
     training = {key: record[key] for key in (
@@ -139,7 +142,8 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False) -> 
         path = run_dir / "export" / f"dermwatch-{quantization}.tflite"
         document = card_document(
             name=f"dermwatch-{options['arch']}", version=f"{version}-{quantization}", input_size=size,
-            melanoma_threshold=record["melanoma_threshold"], quantization=quantization, training=training,
+            melanoma_threshold=record["melanoma_threshold"], quantization=quantization, colour=colour,
+            training=training,
         )
         save_tflite(convert(keras_model, data), path, document)
         val_probabilities = Classifier(path, load_card(path), threads=2).predict(val_images)
