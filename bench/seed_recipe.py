@@ -69,7 +69,7 @@ def main() -> None:
     as_filed = [replace(r, resolved_label=r.folder_label, dropped="", split="")
                 for r in audited.rows if r.origin == "train"]
     pool = as_filed + rotated_copies(as_filed, args.out / "copies", rng)
-    for row, draw in zip(pool, rng.random(len(pool))):
+    for row, draw in zip(pool, rng.random(len(pool)), strict=True):
         row.split = "val" if draw < 0.2 else "train"
     test_rows = [r for r in audited.rows if r.origin == "test"]
     rows = pool + test_rows

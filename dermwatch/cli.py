@@ -149,7 +149,7 @@ def _print_classifications(results, threshold: float, output_format: str) -> Non
     rows = [
         {
             "path": str(path),
-            **{label: round(float(p), 6) for label, p in zip(CLASS_NAMES, probabilities)},
+            **{label: round(float(p), 6) for label, p in zip(CLASS_NAMES, probabilities, strict=True)},
             "label": CLASS_NAMES[int(probabilities.argmax())],
             "flagged": bool(probabilities[melanoma] >= threshold),
         }

@@ -190,7 +190,9 @@ def _report_settings(site: dict[str, Any], reports: dict[str, Any]) -> ReportSet
     try:
         zone = ZoneInfo(site["timezone"])
     except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"[site] timezone {site['timezone']!r} is not a time zone name like 'Europe/Berlin'") from None
+        raise ConfigError(
+            f"[site] timezone {site['timezone']!r} is not a time zone name like 'Europe/Berlin'"
+        ) from None
     try:
         daily_at = time.fromisoformat(reports["daily_at"])
     except ValueError:

@@ -273,7 +273,8 @@ def test_flagged_image_alert_reaches_a_real_smtp_server(config_file: Path, inclu
     finally:
         controller.stop()
     assert message["To"] == "derm@praxis.example"
-    assert message["Subject"].startswith("[Praxis Nord] suspected melanoma: P=") and "shoulder.jpg" in message["Subject"]
+    assert message["Subject"].startswith("[Praxis Nord] suspected melanoma: P=")
+    assert "shoulder.jpg" in message["Subject"]
     body = message.get_payload()
     assert "shoulder.jpg" in body and "not a diagnosis" in body
     assert ("P-7" in body) is include_reference

@@ -178,7 +178,8 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
         card = classifier.card.document
         assert card["quantization"] == quantization and card["version"] == f"t1-{quantization}"
         assert set(card["evaluation"]["sets"]) == {"validation", "test_published", "test_leak_free"}
-        assert card["evaluation"]["sets"]["test_leak_free"]["images"] < card["evaluation"]["sets"]["test_published"]["images"]
+        sets = card["evaluation"]["sets"]
+        assert sets["test_leak_free"]["images"] < sets["test_published"]["images"]
         probabilities = classifier.predict(np.zeros((3, 32, 32, 3), dtype=np.uint8))
         assert probabilities.shape == (3, 9)
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=0.02)

@@ -102,7 +102,7 @@ class Processor:
         if to_classify:
             arrivals = list(to_classify.values())
             probabilities = self.classifier.predict(np.stack([a.pixels for a in arrivals]))
-            outcomes += [self._store(a, p) for a, p in zip(arrivals, probabilities)]
+            outcomes += [self._store(a, p) for a, p in zip(arrivals, probabilities, strict=True)]
         outcomes += [self._record_if_seen(a) for a in repeats]
         return outcomes
 
@@ -178,7 +178,7 @@ class Processor:
                 melanoma_score=melanoma_score,
                 threshold=card.melanoma_threshold,
                 flagged=melanoma_score >= card.melanoma_threshold,
-                **{probability_column(label): float(p) for label, p in zip(CLASS_NAMES, probabilities)},
+                **{probability_column(label): float(p) for label, p in zip(CLASS_NAMES, probabilities, strict=True)},
             )
             session.add_all([prediction, _sighting(image, arrival)])
             if prediction.flagged:

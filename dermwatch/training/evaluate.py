@@ -29,7 +29,9 @@ SETS = {
 }
 
 
-def predict_rows(classifier: Classifier, rows: list[ManifestRow], labels: str, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def predict_rows(
+    classifier: Classifier, rows: list[ManifestRow], labels: str, batch: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     images, y = load_arrays(rows, classifier.input_size, labels=labels)
     probabilities = np.concatenate(
         [classifier.predict(images[i : i + batch]) for i in range(0, len(images), batch)]
@@ -57,4 +59,7 @@ def evaluate_model(model_path: Path, rows: list[ManifestRow], threads: int = 2) 
 
 def _roc_points(probabilities: np.ndarray, y: np.ndarray) -> dict[str, list[float]]:
     fpr, tpr = roc_curve(y == MELANOMA_INDEX, probabilities[:, MELANOMA_INDEX])
-    return {"false_positive_rate": [round(float(v), 4) for v in fpr], "true_positive_rate": [round(float(v), 4) for v in tpr]}
+    return {
+        "false_positive_rate": [round(float(v), 4) for v in fpr],
+        "true_positive_rate": [round(float(v), 4) for v in tpr],
+    }

@@ -119,7 +119,8 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False) -> 
 
     rng = np.random.default_rng(options["seed"])
     train_rows = [r for r in rows if r.split == "train"]
-    picked = [train_rows[i] for i in rng.choice(len(train_rows), min(REPRESENTATIVE_IMAGES, len(train_rows)), replace=False)]
+    chosen = rng.choice(len(train_rows), min(REPRESENTATIVE_IMAGES, len(train_rows)), replace=False)
+    picked = [train_rows[i] for i in chosen]
     colour = options.get("colour", "as-is")  # runs from before colour modes have none
     representative = normalize_colour(load_arrays(picked, size)[0], colour)
     val_images, val_labels = load_arrays([r for r in rows if r.split == "val"], size)

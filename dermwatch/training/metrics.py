@@ -49,7 +49,7 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     ranks = np.empty(len(values), dtype=float)
     sorted_values = values[order]
     boundaries = np.r_[0, np.nonzero(np.diff(sorted_values))[0] + 1, len(values)]
-    for start, stop in zip(boundaries[:-1], boundaries[1:]):
+    for start, stop in zip(boundaries[:-1], boundaries[1:], strict=True):
         ranks[order[start:stop]] = (start + stop + 1) / 2
     return ranks
 
@@ -67,7 +67,7 @@ def expected_calibration_error(probabilities: np.ndarray, y_true: np.ndarray, bi
     correct = probabilities.argmax(axis=1) == y_true
     edges = np.linspace(0, 1, bins + 1)
     error = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
         in_bin = (confidence > low) & (confidence <= high)
         if in_bin.any():
             error += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
