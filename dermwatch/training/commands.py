@@ -41,20 +41,21 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the manifest, the Keras model and training.json.")
 @click.option("--arch", type=click.Choice(["dermnet", "seed"]), default="dermnet", show_default=True)
-@click.option("--input-size", default=180, show_default=True, help="Side of the square model input.")
+@click.option("--input-size", default=160, show_default=True, help="Side of the square model input.")
 @click.option("--width", default=32, show_default=True, help="Filters of the first stage (dermnet).")
-@click.option("--epochs", default=50, show_default=True)
+@click.option("--epochs", default=80, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--learning-rate", default=2e-3, show_default=True)
 @click.option("--balance", type=click.Choice(["weights", "logit-adjust", "none"]), default="weights", show_default=True,
               help="Class imbalance: inverse-frequency loss weights, or log-prior logit adjustment after training.")
 @click.option("--colour", type=click.Choice(["as-is", "shades-of-grey"]), default="as-is", show_default=True,
               help="Remove each image's colour cast before training (and, via the card, before inference).")
-@click.option("--no-ema", is_flag=True, help="Score and keep the raw weights, not their moving average.")
+@click.option("--ema/--no-ema", default=False, show_default=True,
+              help="Score and keep an exponential moving average of the weights instead of the raw weights.")
 @seed_option
 def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_dir: Path, arch: str,
                   input_size: int, width: int, epochs: int, batch_size: int, learning_rate: float,
-                  balance: str, colour: str, no_ema: bool, seed: int) -> None:
+                  balance: str, colour: str, ema: bool, seed: int) -> None:
     """Audit the data, split it by lesion, and train a network from scratch."""
     from dermwatch.training.train import TrainOptions, train
 
@@ -64,7 +65,7 @@ def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_d
     (out_dir / "audit.txt").write_text("".join(f"- {f}\n" for f in result.findings))
     options = TrainOptions(arch=arch, input_size=input_size, width=width, epochs=epochs,
                            batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                           balance=balance, colour=colour, ema=not no_ema)
+                           balance=balance, colour=colour, ema=ema)
     record = train(result, out_dir, options)
     validation = record["validation"]
     click.echo(

@@ -30,9 +30,9 @@ BALANCE_MODES = ("weights", "logit-adjust", "none")
 @dataclass(frozen=True)
 class TrainOptions:
     arch: str = "dermnet"
-    input_size: int = 180  # the data's own size: no resampling of what the publisher shrank
+    input_size: int = 160
     width: int = 32
-    epochs: int = 50
+    epochs: int = 80
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
@@ -44,7 +44,7 @@ class TrainOptions:
     augment: bool = True  # flips, rotations, affine and colour jitter on the fly
     schedule: str = "cosine"  # cosine: AdamW, warm-up then cosine decay; constant: plain Adam
     keep_best: bool = True  # restore the best validation epoch; False keeps the last one
-    ema: bool = True  # score and keep an exponential moving average of the weights (cosine only)
+    ema: bool = False  # score and keep an exponential moving average of the weights (cosine only)
     colour: str = "as-is"  # preprocess.COLOUR_MODES: "shades-of-grey" removes each image's colour cast
 
     def __post_init__(self) -> None:
