@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from dermwatch.preprocess import COLOUR_MODES
 from dermwatch.training.audit import audit, write_manifest
 
 data_option = click.option(
@@ -48,7 +49,7 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
 @click.option("--learning-rate", default=2e-3, show_default=True)
 @click.option("--balance", type=click.Choice(["weights", "logit-adjust", "none"]), default="weights", show_default=True,
               help="Class imbalance: inverse-frequency loss weights, or log-prior logit adjustment after training.")
-@click.option("--colour", type=click.Choice(["as-is", "shades-of-grey"]), default="as-is", show_default=True,
+@click.option("--colour", type=click.Choice(COLOUR_MODES), default="as-is", show_default=True,
               help="Remove each image's colour cast before training (and, via the card, before inference).")
 @click.option("--ema/--no-ema", default=False, show_default=True,
               help="Score and keep an exponential moving average of the weights instead of the raw weights.")
