@@ -4,7 +4,10 @@
         "dermnet=runs/dermnet/export/dermwatch-float32.tflite" [--set test_leak_free] [--card MODEL]
 
 With --card, the table is also stored in that model's card (field "comparisons") and its
-HTML card is rendered again, so the shipped card shows what each change bought.
+HTML card is rendered again, so the shipped card shows what each change bought. With
+--rescore, each model is first scored again by today's evaluation code on its own run's
+manifest (runs/NAME/manifest.csv, two folders above the .tflite), and its card updated:
+cards written before a metric existed then carry it too.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from pathlib import Path
 
 from dermwatch.modelcard import load_card, write_card
 from dermwatch.training.card_html import render_card_html
+from dermwatch.training.evaluate import evaluate_model
+from dermwatch.training.export import read_manifest
 
 COLUMNS = [
     ("accuracy", "accuracy"), ("balanced_accuracy", "balanced acc."), ("melanoma_roc_auc", "melanoma AUC"),
+    ("melanoma_vs_nevus_auc", "melanoma vs nevus AUC"),
     ("melanoma_sensitivity", "sensitivity"), ("melanoma_specificity", "specificity"),
     ("expected_calibration_error", "ECE"),
 ]
@@ -35,6 +41,15 @@ def rows_for(named_models: list[str], set_names: list[str]) -> list[dict]:
     return rows
 
 
+def rescore(path: Path) -> None:
+    """Evaluate ``path`` again on its run's own manifest and store the result in its card."""
+    run_dir = path.parent.parent
+    document = load_card(path).document
+    document["evaluation"] = evaluate_model(path, read_manifest(run_dir / "manifest.csv"))
+    write_card(path, {k: v for k, v in document.items() if k not in ("sha256", "file")})
+    render_card_html(load_card(path).document, path.with_suffix(".html"))
+
+
 def markdown(rows: list[dict]) -> str:
     header = ["model", "set", "images", *[title for _, title in COLUMNS], "size"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -50,7 +65,11 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="NAME=PATH of an exported .tflite with its card")
     parser.add_argument("--set", dest="sets", action="append", help="validation, test_published, test_leak_free")
     parser.add_argument("--card", type=Path, help="store the table in this model's card")
+    parser.add_argument("--rescore", action="store_true", help="evaluate each model again on its run's manifest")
     args = parser.parse_args()
+    if args.rescore:
+        for item in args.models:
+            rescore(Path(item.partition("=")[2]))
     rows = rows_for(args.models, args.sets or ["test_leak_free"])
     print(markdown(rows))
     if args.card:

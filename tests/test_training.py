@@ -245,3 +245,80 @@ def test_logit_adjustment_ema_and_colour_mode_reach_the_card(planted: dict[str, 
     refused = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--out", str(tmp_path / "x"),
                                        "--balance", "oversample"])
     assert refused.exit_code == 2 and "oversample" in refused.output
+
+
+def test_class_and_source_weights_balance_each_class_across_roots() -> None:
+    from dermwatch.training.data import class_and_source_weights, class_weights
+
+    # Melanomas mostly from one root, nevi mostly from the other: the root predicts the class.
+    labels = np.array([3] * 30 + [3] * 6 + [4] * 20 + [4] * 80 + [0] * 10)
+    roots = ["isic9"] * 30 + ["supplement"] * 6 + ["isic9"] * 20 + ["supplement"] * 80 + ["isic9"] * 10
+    weights = class_and_source_weights(labels, roots)
+    assert weights.mean() == pytest.approx(1.0)
+    class_totals = [weights[labels == c].sum() for c in (0, 3, 4)]
+    assert class_totals == pytest.approx([class_totals[0]] * 3)
+    root_is = np.array(roots)
+    for c in (3, 4):
+        by_root = [weights[(labels == c) & (root_is == r)].sum() for r in ("isic9", "supplement")]
+        assert by_root[0] == pytest.approx(by_root[1])
+    # With one root these are the class weights.
+    single = class_and_source_weights(labels, ["isic9"] * len(labels))
+    expected = class_weights(labels)
+    np.testing.assert_allclose(single, [expected[c] for c in labels], rtol=1e-6)
+
+
+def test_sample_weights_stay_with_their_images_through_shuffle_and_augmentation() -> None:
+    from dermwatch.training.data import training_batches
+
+    labels = np.arange(40) % 9
+    images = np.zeros((40, 16, 16, 3), dtype=np.uint8)
+    weights = (labels * 10 + 1).astype(np.float32)
+    seen = 0
+    for batch_images, batch_labels, batch_weights in training_batches(images, labels, 8, seed=3,
+                                                                      sample_weights=weights):
+        assert batch_images.shape[1:] == (16, 16, 3)
+        np.testing.assert_array_equal(batch_weights.numpy(), batch_labels.numpy() * 10 + 1)
+        seen += len(batch_labels)
+    assert seen == 40
+
+
+def test_melanoma_vs_nevus_auc_ignores_the_easy_negatives() -> None:
+    from dermwatch.training.metrics import summarize
+
+    # Melanomas score above every dermatofibroma but below every nevus.
+    y = np.array([3, 3, 4, 4, 2, 2, 2, 2])
+    p_melanoma = np.array([0.5, 0.5, 0.6, 0.6, 0.1, 0.1, 0.1, 0.1])
+    probabilities = np.zeros((8, 9))
+    probabilities[:, 3] = p_melanoma
+    probabilities[:, 0] = 1 - p_melanoma
+    result = summarize(probabilities, y, threshold=0.5)
+    assert result["melanoma_roc_auc"] == pytest.approx(4 / 6)
+    assert result["melanoma_vs_nevus_auc"] == 0.0
+
+
+def test_class_and_source_balance_trains_and_validation_is_scored_per_root(
+    planted: dict[str, Path], tmp_path: Path
+) -> None:
+    supplement = tmp_path / "supplement"
+    for n in range(6):
+        for label in ("melanoma", "nevus"):
+            lesion_image(supplement / label / f"ISIC_05{n:05d}{len(label)}.jpg", label, 7000 + n * 2 + len(label))
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--data", str(supplement),
+                                      "--ground-truth", str(planted["truth"]), "--out", str(run_dir),
+                                      "--epochs", "1", "--input-size", "32", "--width", "4", "--batch-size", "16",
+                                      "--balance", "class-and-source"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "training.json").read_text())["options"]["balance"] == "class-and-source"
+    from dermwatch.training.evaluate import evaluation_sets
+    from dermwatch.training.export import read_manifest
+
+    rows = read_manifest(run_dir / "manifest.csv")
+    sets = {name: chosen for name, chosen, _ in evaluation_sets(rows)}
+    assert set(sets) == {"validation", "test_published", "test_leak_free", "validation:isic9",
+                         "validation:supplement"}
+    assert len(sets["validation:isic9"]) + len(sets["validation:supplement"]) == len(sets["validation"])
+    assert {r.root for r in sets["validation:supplement"]} == {"supplement"}
+    # One root: no per-root sets.
+    assert {name for name, _, _ in evaluation_sets([r for r in rows if r.root == "isic9"])} == {
+        "validation", "test_published", "test_leak_free"}

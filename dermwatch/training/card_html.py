@@ -23,6 +23,13 @@ SET_TITLES = {
 }
 
 
+def set_title(name: str) -> str:
+    """The card's heading for a set; "validation:ROOT" is validation restricted to one data root."""
+    if name.startswith("validation:"):
+        return f"Validation, only images from {name.partition(':')[2]}/"
+    return SET_TITLES.get(name, name)
+
+
 def render_card_html(card: dict[str, Any], path: Path) -> Path:
     environment = Environment(loader=PackageLoader("dermwatch", "templates"), autoescape=select_autoescape())
     plots = {}
@@ -35,7 +42,7 @@ def render_card_html(card: dict[str, Any], path: Path) -> Path:
     if sets:
         plots["Melanoma ROC"] = _png(_roc(sets, card["melanoma_threshold"]))
     html = environment.get_template("model_card.html").render(
-        card=card, sets=sets, titles=SET_TITLES, labels=CLASS_NAMES, plots=plots
+        card=card, sets=sets, titles={name: set_title(name) for name in sets}, labels=CLASS_NAMES, plots=plots
     )
     path.write_text(html)
     return path

@@ -47,8 +47,10 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
 @click.option("--epochs", default=80, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--learning-rate", default=2e-3, show_default=True)
-@click.option("--balance", type=click.Choice(["weights", "logit-adjust", "none"]), default="weights", show_default=True,
-              help="Class imbalance: inverse-frequency loss weights, or log-prior logit adjustment after training.")
+@click.option("--balance", type=click.Choice(["weights", "class-and-source", "logit-adjust", "none"]),
+              default="weights", show_default=True,
+              help="Class imbalance: inverse-frequency loss weights; the same with each --data root weighed equally "
+                   "within a class; or log-prior logit adjustment after training.")
 @click.option("--colour", type=click.Choice(COLOUR_MODES), default="as-is", show_default=True,
               help="Remove each image's colour cast before training (and, via the card, before inference).")
 @click.option("--ema/--no-ema", default=False, show_default=True,
@@ -98,7 +100,7 @@ def export_command(run_dir: Path, version: str | None, tta: bool, ship: bool) ->
                    f"{check['top1_agreement']:.4f}, largest probability difference "
                    f"{check['max_probability_difference']:.4f}")
         for name, metrics in sets.items():
-            click.echo(f"  {name:>15}: {_metrics_line(metrics)}")
+            click.echo(f"  {name:>21}: {_metrics_line(metrics)}")
     chosen = choose_shipped(paths)
     click.echo(f"chosen for shipping: {chosen.name}")
     if ship:
@@ -134,7 +136,7 @@ def evaluate_command(model: Path, data_roots: tuple[Path, ...], ground_truth: Pa
         )
     results = evaluate_model(model, result.rows)
     for name, metrics in results["sets"].items():
-        click.echo(f"{name:>15}: {_metrics_line(metrics)}")
+        click.echo(f"{name:>21}: {_metrics_line(metrics)}")
     if out:
         out.write_text(json.dumps(results, indent=2))
     if html:
@@ -143,6 +145,7 @@ def evaluate_command(model: Path, data_roots: tuple[Path, ...], ground_truth: Pa
 
 def _metrics_line(m: dict) -> str:
     return (f"{m['images']} images, accuracy {m['accuracy']:.3f}, balanced {m['balanced_accuracy']:.3f}, "
-            f"melanoma AUC {m['melanoma_roc_auc']:.3f}, sensitivity {m['melanoma_sensitivity']:.3f} "
+            f"melanoma AUC {m['melanoma_roc_auc']:.3f} (vs nevus {m['melanoma_vs_nevus_auc']:.3f}), "
+            f"sensitivity {m['melanoma_sensitivity']:.3f} "
             f"specificity {m['melanoma_specificity']:.3f} (of {m['melanoma_images']} melanomas), "
             f"ECE {m['expected_calibration_error']:.3f}")

@@ -29,6 +29,27 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {i: float(w) for i, w in enumerate(weights)}
 
 
+def class_and_source_weights(labels: np.ndarray, sources: list[str]) -> np.ndarray:
+    """Per-image weights: every class weighs the same, and within a class every data root does.
+
+    When one root supplies most of a class (the supplement's nevi) and another most of a
+    rival class (isic9's melanomas), plain class weights let the network tell the classes
+    apart by where an image came from. Balancing each (class, root) cell removes that cue
+    from the loss. With a single root these are exactly the class weights.
+    """
+    cells: dict[tuple[int, str], int] = {}
+    for label, source in zip(labels.tolist(), sources, strict=True):
+        cells[label, source] = cells.get((label, source), 0) + 1
+    classes = {label for label, _ in cells}
+    roots_per_class = {c: sum(1 for label, _ in cells if label == c) for c in classes}
+    per_cell = {
+        (label, source): len(labels) / (len(classes) * roots_per_class[label] * count)
+        for (label, source), count in cells.items()
+    }
+    return np.array([per_cell[label, source] for label, source in zip(labels.tolist(), sources, strict=True)],
+                    dtype=np.float32)
+
+
 def class_priors(labels: np.ndarray) -> np.ndarray:
     """Each class's share of ``labels``; a class with no example counts as one, so its log is finite."""
     counts = np.maximum(np.bincount(labels, minlength=len(CLASS_NAMES)), 1).astype(np.float32)
@@ -36,13 +57,17 @@ def class_priors(labels: np.ndarray) -> np.ndarray:
 
 
 def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                     augment: bool = True) -> tf.data.Dataset:
-    """Shuffled batches with on-the-fly augmentation; nothing augmented is ever stored."""
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(
+                     augment: bool = True, sample_weights: np.ndarray | None = None) -> tf.data.Dataset:
+    """Shuffled batches with on-the-fly augmentation; nothing augmented is ever stored.
+
+    With ``sample_weights`` each batch is (images, labels, weights), which Keras applies to the loss.
+    """
+    targets = labels if sample_weights is None else (labels, sample_weights)
+    dataset = tf.data.Dataset.from_tensor_slices((images, targets)).shuffle(
         len(labels), seed=seed, reshuffle_each_iteration=True
     )
     if not augment:
-        return dataset.map(lambda x, y: (tf.cast(x, tf.float32), y)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        return _unpack(dataset.map(lambda x, y: (tf.cast(x, tf.float32), y)).batch(batch_size), sample_weights)
     geometric = keras.Sequential(
         [
             # Small rotations on top of the 90-degree ones: dermoscopy has no 'up'.
@@ -63,10 +88,17 @@ def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, se
         image = tf.image.random_hue(image, 0.03)
         return tf.clip_by_value(image, 0.0, 255.0), label
 
-    return (
+    batches = (
         dataset.map(dihedral_and_colour, num_parallel_calls=tf.data.AUTOTUNE)
         .batch(batch_size)
         .map(lambda x, y: (geometric(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
     )
+    return _unpack(batches, sample_weights)
+
+
+def _unpack(batches: tf.data.Dataset, sample_weights: np.ndarray | None) -> tf.data.Dataset:
+    """(x, (y, w)) -> (x, y, w), the form Keras reads sample weights from."""
+    if sample_weights is not None:
+        batches = batches.map(lambda x, target: (x, target[0], target[1]))
+    return batches.prefetch(tf.data.AUTOTUNE)
 

@@ -44,10 +44,7 @@ def evaluate_model(model_path: Path, rows: list[ManifestRow], threads: int = 2) 
     card = load_card(model_path)
     classifier = Classifier(model_path, card, threads)
     results: dict = {"model": card.display, "melanoma_threshold": card.melanoma_threshold, "sets": {}}
-    for name, (splits, labels) in SETS.items():
-        chosen = [r for r in rows if r.split in splits]
-        if not chosen:
-            continue
+    for name, chosen, labels in evaluation_sets(rows):
         probabilities, y = predict_rows(classifier, chosen, labels)
         results["sets"][name] = summarize(probabilities, y, card.melanoma_threshold)
         results["sets"][name]["roc_points"] = _roc_points(probabilities, y)
@@ -55,6 +52,25 @@ def evaluate_model(model_path: Path, rows: list[ManifestRow], threads: int = 2) 
                  results["sets"][name]["accuracy"], results["sets"][name]["balanced_accuracy"],
                  results["sets"][name]["melanoma_roc_auc"])
     return results
+
+
+def evaluation_sets(rows: list[ManifestRow]) -> list[tuple[str, list[ManifestRow], str]]:
+    """(name, rows, label kind) for each set that has images.
+
+    With several data roots, validation is also scored per root ("validation:supplement"):
+    a root that is another ISIC collection shows how the model does where melanoma looks
+    different from the training folders' melanomas.
+    """
+    sets = []
+    for name, (splits, labels) in SETS.items():
+        chosen = [r for r in rows if r.split in splits]
+        if chosen:
+            sets.append((name, chosen, labels))
+    validation = [r for r in rows if r.split == "val"]
+    roots = sorted({r.root for r in validation})
+    if len(roots) > 1:
+        sets += [(f"validation:{root}", [r for r in validation if r.root == root], "resolved") for root in roots]
+    return sets
 
 
 def _roc_points(probabilities: np.ndarray, y: np.ndarray) -> dict[str, list[float]]:

@@ -7,6 +7,7 @@ import numpy as np
 from dermwatch.labels import CLASS_NAMES, MELANOMA
 
 MELANOMA_INDEX = CLASS_NAMES.index(MELANOMA)
+NEVUS_INDEX = CLASS_NAMES.index("nevus")
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int = len(CLASS_NAMES)) -> np.ndarray:
@@ -100,6 +101,7 @@ def summarize(probabilities: np.ndarray, y_true: np.ndarray, threshold: float) -
             "precision": float(precision), "recall": float(recall), "f1": float(f1), "support": int(actual)
         }
     is_melanoma = y_true == MELANOMA_INDEX
+    melanocytic = is_melanoma | (y_true == NEVUS_INDEX)
     sensitivity, specificity = sensitivity_specificity(
         is_melanoma, probabilities[:, MELANOMA_INDEX] >= threshold
     )
@@ -108,6 +110,9 @@ def summarize(probabilities: np.ndarray, y_true: np.ndarray, threshold: float) -
         "accuracy": float((y_pred == y_true).mean()),
         "balanced_accuracy": balanced_accuracy(y_true, y_pred),
         "melanoma_roc_auc": roc_auc(is_melanoma, probabilities[:, MELANOMA_INDEX]),
+        # The clinically hard question, melanoma or nevus? The AUC above also counts the easy
+        # negatives (here every non-melanocytic class comes from another camera).
+        "melanoma_vs_nevus_auc": roc_auc(is_melanoma[melanocytic], probabilities[melanocytic, MELANOMA_INDEX]),
         "melanoma_images": int(is_melanoma.sum()),
         "melanoma_sensitivity": sensitivity,
         "melanoma_specificity": specificity,

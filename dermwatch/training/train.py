@@ -17,14 +17,20 @@ from dermwatch.labels import CLASS_NAMES
 from dermwatch.preprocess import COLOUR_MODES, normalize_colour
 from dermwatch.training.audit import Audit, ManifestRow
 from dermwatch.training.calibration import THRESHOLD_RULE, calibrate, softmax
-from dermwatch.training.data import class_priors, class_weights, load_arrays, training_batches
+from dermwatch.training.data import (
+    class_and_source_weights,
+    class_priors,
+    class_weights,
+    load_arrays,
+    training_batches,
+)
 from dermwatch.training.metrics import MELANOMA_INDEX, balanced_accuracy, roc_auc, summarize
 from dermwatch.training.model import build_model
 
 log = logging.getLogger(__name__)
 
 
-BALANCE_MODES = ("weights", "logit-adjust", "none")
+BALANCE_MODES = ("weights", "class-and-source", "logit-adjust", "none")
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,9 @@ class TrainOptions:
     seed: int = 0
     # How class imbalance is handled: "weights" weights the loss by inverse class frequency;
     # "logit-adjust" trains on the data as it is and subtracts log(class prior) from the
-    # logits afterwards (Menon et al., 2021), which targets balanced error; "none" does neither.
+    # logits afterwards (Menon et al., 2021), which targets balanced error; "class-and-source"
+    # also weighs each data root equally within a class, so the root is no cue to the class;
+    # "none" does neither.
     balance: str = "weights"
     augment: bool = True  # flips, rotations, affine and colour jitter on the fly
     schedule: str = "cosine"  # cosine: AdamW, warm-up then cosine decay; constant: plain Adam
@@ -123,9 +131,12 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
     keeper = KeepBestEpoch(x_val.astype(np.float32), y_val, logit_offset)
     # With EMA, the averaged weights are swapped in before the keeper scores each epoch.
     callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), keeper] if _uses_ema(options) else [keeper]
+    sample_weights = class_and_source_weights(y_train, [r.root for r in train_rows]) \
+        if options.balance == "class-and-source" else None
     started = time.monotonic()
     model.fit(
-        training_batches(x_train, y_train, options.batch_size, options.seed, augment=options.augment),
+        training_batches(x_train, y_train, options.batch_size, options.seed, augment=options.augment,
+                         sample_weights=sample_weights),
         epochs=options.epochs,
         class_weight=class_weights(y_train) if options.balance == "weights" else None,
         callbacks=callbacks,
