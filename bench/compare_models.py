@@ -33,8 +33,9 @@ def rows_for(named_models: list[str], set_names: list[str]) -> list[dict]:
     for item in named_models:
         name, _, path = item.partition("=")
         card = load_card(Path(path)).document
-        for set_name in set_names:
-            metrics = card["evaluation"]["sets"][set_name]
+        sets = card["evaluation"]["sets"]
+        for set_name in [name for name in set_names if name in sets]:  # one root: no per-root sets
+            metrics = sets[set_name]
             rows.append({"model": name, "set": set_name, "images": metrics["images"],
                          "bytes": Path(path).stat().st_size,
                          **{key: round(metrics[key], 3) for key, _ in COLUMNS}})
