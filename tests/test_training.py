@@ -300,9 +300,9 @@ def test_class_and_source_balance_trains_and_validation_is_scored_per_root(
     planted: dict[str, Path], tmp_path: Path
 ) -> None:
     supplement = tmp_path / "supplement"
-    for n in range(6):
-        for label in ("melanoma", "nevus"):
-            lesion_image(supplement / label / f"ISIC_05{n:05d}{len(label)}.jpg", label, 7000 + n * 2 + len(label))
+    for n in range(12):
+        label = ("melanoma", "nevus")[n % 2]
+        lesion_image(supplement / label / f"ISIC_05{n:05d}.jpg", label, 7000 + n)
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--data", str(supplement),
                                       "--ground-truth", str(planted["truth"]), "--out", str(run_dir),
