@@ -52,7 +52,7 @@ def render_day(engine: Engine, day: date, *, reports_dir: Path, site_name: str, 
     rows = _flat_rows(loaded)
     stem = reports_dir / day.isoformat()
     page = _environment.get_template("report.html").render(
-        day=loaded, site_name=site_name, card=card, threshold_words=_threshold_words(card),
+        day=loaded, site_name=site_name, card=card, threshold_words=threshold_words(card),
         class_counts=loaded.class_counts(), malignant=MALIGNANT, pictures=pictures, list_side=LIST_THUMBNAIL_SIDE,
         zone_name=str(zone),
     )
@@ -77,17 +77,20 @@ def render_index(reports_dir: Path, site_name: str) -> Path:
     return index
 
 
-def _threshold_words(card: ModelCard | None) -> str:
+def threshold_words(card: ModelCard | None) -> str:
+    """The report header's sentence on when an image is flagged and what that caught before."""
     if card is None:
         return ""
     rule = card.document.get("training", {}).get("threshold_rule", "")
-    sensitivity = card.document.get("evaluation", {}).get("sets", {}).get("test_leak_free", {}).get(
-        "melanoma_sensitivity")
+    held_out = card.document.get("evaluation", {}).get("sets", {}).get("test_leak_free", {})
     words = f"Images with P(melanoma) ≥ {card.melanoma_threshold:.3f} are flagged"
     if rule:
         words += f"; the threshold was set on validation images as the {rule}"
-    if sensitivity is not None:
-        words += f" (on held-out test images it caught {sensitivity:.0%} of melanomas)"
+    if held_out.get("melanoma_images"):
+        # Counts, not a percentage: "16 of 16" shows how few images stand behind the figure.
+        total = held_out["melanoma_images"]
+        caught = round(held_out["melanoma_sensitivity"] * total)
+        words += f" (on held-out test images it caught {caught} of {total} melanomas)"
     return words + "."
 
 
