@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dermwatch.modelcard import load_card, write_card
-from dermwatch.training.card_html import render_card_html
+from dermwatch.modelcard import load_card
 from dermwatch.training.evaluate import evaluate_model
-from dermwatch.training.export import read_manifest
+from dermwatch.training.export import read_manifest, write_card_and_html
 
 COLUMNS = [
     ("accuracy", "accuracy"), ("balanced_accuracy", "balanced acc."), ("melanoma_roc_auc", "melanoma AUC"),
@@ -34,7 +33,7 @@ def rows_for(named_models: list[str], set_names: list[str]) -> list[dict]:
         name, _, path = item.partition("=")
         card = load_card(Path(path)).document
         sets = card["evaluation"]["sets"]
-        for set_name in [name for name in set_names if name in sets]:  # one root: no per-root sets
+        for set_name in [s for s in set_names if s in sets]:  # one root: no per-root sets
             metrics = sets[set_name]
             rows.append({"model": name, "set": set_name, "images": metrics["images"],
                          "bytes": Path(path).stat().st_size,
@@ -47,8 +46,7 @@ def rescore(path: Path) -> None:
     run_dir = path.parent.parent
     document = load_card(path).document
     document["evaluation"] = evaluate_model(path, read_manifest(run_dir / "manifest.csv"))
-    write_card(path, {k: v for k, v in document.items() if k not in ("sha256", "file")})
-    render_card_html(load_card(path).document, path.with_suffix(".html"))
+    write_card_and_html(path, document)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -76,8 +74,7 @@ def main() -> None:
     if args.card:
         document = load_card(args.card).document
         document["comparisons"] = rows
-        write_card(args.card, {k: v for k, v in document.items() if k not in ("sha256", "file")})
-        render_card_html(load_card(args.card).document, args.card.with_suffix(".html"))
+        write_card_and_html(args.card, document)
 
 
 if __name__ == "__main__":

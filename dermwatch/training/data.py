@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import keras
@@ -37,17 +38,14 @@ def class_and_source_weights(labels: np.ndarray, sources: list[str]) -> np.ndarr
     apart by where an image came from. Balancing each (class, root) cell removes that cue
     from the loss. With a single root these are exactly the class weights.
     """
-    cells: dict[tuple[int, str], int] = {}
-    for label, source in zip(labels.tolist(), sources, strict=True):
-        cells[label, source] = cells.get((label, source), 0) + 1
-    classes = {label for label, _ in cells}
-    roots_per_class = {c: sum(1 for label, _ in cells if label == c) for c in classes}
+    pairs = list(zip(labels.tolist(), sources, strict=True))
+    cells = Counter(pairs)
+    roots_per_class = Counter(label for label, _ in cells)
     per_cell = {
-        (label, source): len(labels) / (len(classes) * roots_per_class[label] * count)
+        (label, source): len(labels) / (len(roots_per_class) * roots_per_class[label] * count)
         for (label, source), count in cells.items()
     }
-    return np.array([per_cell[label, source] for label, source in zip(labels.tolist(), sources, strict=True)],
-                    dtype=np.float32)
+    return np.array([per_cell[pair] for pair in pairs], dtype=np.float32)
 
 
 def class_priors(labels: np.ndarray) -> np.ndarray:

@@ -69,7 +69,9 @@ def evaluation_sets(rows: list[ManifestRow]) -> list[tuple[str, list[ManifestRow
     validation = [r for r in rows if r.split == "val"]
     roots = sorted({r.root for r in validation})
     if len(roots) > 1:
-        sets += [(f"validation:{root}", [r for r in validation if r.root == root], "resolved") for root in roots]
+        validation_labels = SETS["validation"][1]
+        sets += [(f"validation:{root}", [r for r in validation if r.root == root], validation_labels)
+                 for root in roots]
     return sets
 
 

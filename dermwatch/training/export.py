@@ -155,8 +155,7 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False) -> 
         document["export_check"] = check
         write_card(path, document)
         document["evaluation"] = evaluate_model(path, rows)
-        write_card(path, document)
-        render_card_html(load_card(path).document, path.with_suffix(".html"))
+        write_card_and_html(path, document)
         log.info("%s: %d bytes; top-1 agreement with Keras %.4f, largest probability difference %.4f",
                  path.name, path.stat().st_size, check["top1_agreement"], check["max_probability_difference"])
         paths.append(path)
@@ -182,10 +181,14 @@ def ship(model_path: Path, models_dir: Path) -> Path:
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / SHIPPED_MODEL_NAME
     target.write_bytes(model_path.read_bytes())
-    document = load_card(model_path).document
-    write_card(target, {key: value for key, value in document.items() if key not in ("sha256", "file")})
-    render_card_html(load_card(target).document, target.with_suffix(".html"))
+    write_card_and_html(target, load_card(model_path).document)
     return target
+
+
+def write_card_and_html(model_path: Path, document: dict[str, Any]) -> None:
+    """Write ``document`` as the card of ``model_path`` (sha256 and file name stamped anew), and its HTML."""
+    write_card(model_path, document)
+    render_card_html(load_card(model_path).document, model_path.with_suffix(".html"))
 
 
 def agreement(probabilities: np.ndarray, reference: np.ndarray) -> dict[str, float]:
