@@ -3,6 +3,9 @@
 Alerts are queued in the database in the same transaction as the prediction, and sent
 from here, outside the intake path: a slow or failing mail server delays nothing but
 the alert, which is logged and retried every ``retry_minutes``.
+
+Each alert is claimed by one atomic UPDATE before it is sent, so the service and a
+`dermwatch process` beside it (or, later, several workers) never send one alert twice.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import subprocess
 from datetime import timedelta
 from email.message import EmailMessage
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from dermwatch.config import AlertSettings
@@ -26,6 +29,9 @@ log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_SECONDS = 60
 SMTP_TIMEOUT_SECONDS = 30
+#: A claimed alert is not offered to anyone else for this long: longer than any one try
+#: takes. A process that dies mid-send leaves it to be retried after that.
+CLAIM_LEASE = timedelta(minutes=5)
 
 
 class AlertError(Exception):
@@ -33,14 +39,17 @@ class AlertError(Exception):
 
 
 def send_pending(engine: Engine, settings: AlertSettings, site_name: str, zone) -> int:
-    """Try every alert that is due; return how many were sent."""
+    """Try every alert that is due and that this process manages to claim; return how many were sent."""
     sent = 0
     with Session(engine) as session:
         due = session.scalars(
-            select(Alert).where(Alert.sent_at.is_(None), Alert.next_attempt_at <= utc_now()).order_by(Alert.id)
+            select(Alert.id).where(Alert.sent_at.is_(None), Alert.next_attempt_at <= utc_now()).order_by(Alert.id)
         ).all()
-        for alert in due:
-            alert.attempts += 1
+        session.commit()
+        for alert_id in due:
+            if not _claim(session, alert_id):
+                continue  # another process took it
+            alert = session.get(Alert, alert_id)
             try:
                 _send(alert, settings, site_name, zone)
             except AlertError as error:
@@ -55,6 +64,19 @@ def send_pending(engine: Engine, settings: AlertSettings, site_name: str, zone) 
                 log.info("alert %d sent by %s", alert.id, alert.channel)
             session.commit()
     return sent
+
+
+def _claim(session: Session, alert_id: int) -> bool:
+    """Take one due alert for this process: true for exactly one of any processes that try."""
+    now = utc_now()
+    result = session.execute(
+        update(Alert)
+        .where(Alert.id == alert_id, Alert.sent_at.is_(None), Alert.next_attempt_at <= now)
+        .values(next_attempt_at=now + CLAIM_LEASE, attempts=Alert.attempts + 1)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return result.rowcount == 1
 
 
 def _send(alert: Alert, settings: AlertSettings, site_name: str, zone) -> None:
@@ -79,11 +101,18 @@ def _facts(alert: Alert, settings: AlertSettings, zone) -> dict[str, str]:
         "RECEIVED_AT": image.received_at.astimezone(zone).isoformat(timespec="seconds"),
         "MODEL": f"{prediction.model_version} ({prediction.model_sha256[:12]})",
     }
-    if settings.include_reference and image.sidecar:
-        facts["PATIENT_REFERENCE"] = image.sidecar.get("patient_reference", "")
-        facts["LESION_REFERENCE"] = image.sidecar.get("lesion_reference", "")
-        facts["BODY_SITE"] = image.sidecar.get("body_site", "")
+    sidecar = _arrival_sidecar(prediction)
+    if settings.include_reference and sidecar:
+        facts["PATIENT_REFERENCE"] = sidecar.get("patient_reference", "")
+        facts["LESION_REFERENCE"] = sidecar.get("lesion_reference", "")
+        facts["BODY_SITE"] = sidecar.get("body_site", "")
     return facts
+
+
+def _arrival_sidecar(prediction) -> dict[str, str] | None:
+    """The sidecar of the arrival that was classified (the image's first arrival with one)."""
+    sightings = sorted(prediction.image.sightings, key=lambda s: s.id)
+    return next((s.sidecar for s in sightings if s.sidecar), None)
 
 
 def _send_mail(facts: dict[str, str], settings: AlertSettings, site_name: str) -> None:

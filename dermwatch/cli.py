@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import click
 from dermwatch.config import Settings, load_settings
 from dermwatch.errors import DermwatchError, ModelError, RejectedImage
 from dermwatch.labels import CLASS_NAMES, MELANOMA
+from dermwatch.logs import setup_logging
 from dermwatch.pipeline.claim import iter_candidates
 
 # Training commands need TensorFlow-side packages, so they are imported only when asked for.
@@ -66,12 +67,7 @@ config_option = click.option(
 @click.version_option(package_name="dermwatch")
 def cli(verbose: bool) -> None:
     """Classify dermoscopy images as they arrive and report suspected melanoma."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    setup_logging(verbose)
 
 
 @cli.command()
@@ -91,6 +87,7 @@ def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
 
     Files are moved into the archive (or quarantine), exactly as from the intake folder.
     """
+    from dermwatch.errors import TransientFault, as_transient
     from dermwatch.pipeline.process import open_processor
 
     settings = load_settings(config_path)
@@ -100,8 +97,16 @@ def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
     with click.progressbar(length=len(files), label="classifying", file=sys.stderr) as bar:
         for start in range(0, len(files), settings.model.batch_size):
             batch = files[start : start + settings.model.batch_size]
-            claimed = [c for c in map(processor.claim, batch) if c is not None]
-            outcomes += processor.process(claimed)
+            try:
+                claimed = [c for c in map(processor.claim, batch) if c is not None]
+                outcomes += processor.process(claimed)
+            except Exception as error:
+                fault = as_transient(error)
+                if fault is None:
+                    raise
+                raise TransientFault(f"{fault}; stopped after {len(outcomes)} file(s). Files already taken "
+                                     f"wait in {settings.paths.work} and are finished when the service next "
+                                     "starts; run this again for the rest") from error
             bar.update(len(batch))
     if settings.alerts.channels:
         from dermwatch.alerts import send_pending
@@ -113,7 +118,8 @@ def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
     by_status = Counter(outcome.status for outcome in outcomes)
     vanished = len(files) - len(outcomes)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items())) or "no image files found"
-    click.echo(f"{summary}{f', {vanished} vanished before they could be taken' if vanished else ''}")
+    not_taken = f", {vanished} not taken (vanished, or could not be moved: see the log)" if vanished else ""
+    click.echo(f"{summary}{not_taken}")
 
 
 @cli.command()
@@ -182,7 +188,7 @@ def report(config_path: Path | None, day, open_after: bool) -> None:
     from dermwatch.store.db import ensure_schema, make_engine
 
     settings = load_settings(config_path)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, create=False)
     ensure_schema(engine)
     try:
         classifier = load_classifier(settings.model.path, settings.model.threads)
@@ -201,15 +207,17 @@ def report(config_path: Path | None, day, open_after: bool) -> None:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def status(config_path: Path | None, as_json: bool) -> None:
-    """Counts, model and schema revision of this installation."""
+    """Whether the service runs and what it is waiting out; counts, model and schema revision."""
     from dermwatch.modelcard import load_card, shipped_model_path
     from dermwatch.store.db import current_revision, head_revision, make_engine
     from dermwatch.store.queries import counts
+    from dermwatch.watcher.instance import holder
 
     settings = load_settings(config_path)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, create=False)
     revision = current_revision(engine)
     report: dict = {"config": str(settings.source) if settings.source else None}
+    report |= _service_state(settings, holder(settings))
     report |= counts(engine) if revision else dict.fromkeys(
         ("images", "sightings", "predictions", "flagged", "quarantined"), 0)
     report["pending"] = _pending(settings)
@@ -223,6 +231,23 @@ def status(config_path: Path | None, as_json: bool) -> None:
         return
     for key, value in report.items():
         click.echo(f"{key:>12}: {value}")
+
+
+def _service_state(settings: Settings, pid: int | None) -> dict:
+    """Running or not; while running, the passing faults it is waiting out (state/service.json)."""
+    from dermwatch.watcher.health import STATUS_FILE
+
+    if pid is None:
+        return {"service": "not running", "faults": {}}
+    published: dict = {}
+    for _ in range(3):  # rewritten in place by the service: a read may catch it mid-write
+        try:
+            published = json.loads((settings.paths.state / STATUS_FILE).read_text())
+            break
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    return {"service": f"running (PID {pid})", "service_status": published.get("status"),
+            "faults": published.get("faults", {})}
 
 
 def _pending(settings: Settings) -> int:
@@ -256,7 +281,7 @@ def db_check(config_path: Path | None) -> None:
     """Exit 0 if the schema is current, 1 (with the fix) if not."""
     from dermwatch.store.db import current_revision, head_revision, make_engine
 
-    engine = make_engine(load_settings(config_path).database_url)
+    engine = make_engine(load_settings(config_path).database_url, create=False)
     current, head = current_revision(engine), head_revision()
     if current != head:
         click.echo(f"error: database at revision {current or 'none'}, needs {head}: run `dermwatch db upgrade`",

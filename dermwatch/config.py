@@ -8,26 +8,35 @@ is an error that names the key. Relative paths resolve against the config file's
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import dataclass
 from datetime import time
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import tomllib
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from dermwatch.errors import ConfigError
 
 CONFIG_ENV = "DERMWATCH_CONFIG"
+#: settle_seconds when polling and the config does not set it: a copy over SMB or NFS can
+#: pause for seconds, and polling cannot see a file being closed.
+POLLING_SETTLE_SECONDS = 5.0
 
 #: Every section and key, with its default. The shipped config.toml documents the same.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "paths": {"intake": "var/intake", "state": "var/state", "reports": "var/reports"},
-    "database": {"url": "sqlite:///var/dermwatch.db"},
+    "database": {"url": "sqlite:///var/dermwatch.db", "busy_timeout_seconds": 30.0},
     "model": {"path": "", "threads": 2, "batch_size": 16},
-    "watcher": {"settle_seconds": 1.0, "rescan_seconds": 60.0, "polling": False},
+    "watcher": {
+        "settle_seconds": 1.0,
+        "rescan_seconds": 60.0,
+        "polling": False,
+        "incomplete_seconds": 30.0,
+        "sidecar_grace_seconds": 10.0,
+    },
     "images": {"max_pixels": 50_000_000},
     "site": {"name": "dermwatch", "timezone": "UTC"},
     "reports": {"daily_at": "18:00", "refresh_minutes": 15.0},
@@ -77,6 +86,8 @@ class WatcherSettings:
     settle_seconds: float
     rescan_seconds: float
     polling: bool
+    incomplete_seconds: float  # a JPEG/PNG without its end marker waits this long unchanged before it is taken
+    sidecar_grace_seconds: float  # a sidecar may come this long after its image
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,7 @@ class AlertSettings:
 class Settings:
     paths: PathSettings
     database_url: str
+    busy_timeout_seconds: float  # SQLite: how long a write waits for a lock before the service backs off
     model: ModelSettings
     watcher: WatcherSettings
     max_pixels: int
@@ -134,6 +146,8 @@ def load_settings(path: Path | None = None) -> Settings:
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path} is not valid TOML: {error}") from None
     values = _merge(raw, path)
+    if values["watcher"]["polling"] and "settle_seconds" not in raw.get("watcher", {}):
+        values["watcher"]["settle_seconds"] = POLLING_SETTLE_SECONDS
     base = path.resolve().parent if path else Path.cwd()
     return _build(values, base, path.resolve() if path else None)
 
@@ -173,6 +187,7 @@ def _build(values: dict[str, dict[str, Any]], base: Path, source: Path | None) -
     return Settings(
         paths=PathSettings(**{key: _resolve(base, paths[key]) for key in ("intake", "state", "reports")}),
         database_url=_database_url(values["database"]["url"], base),
+        busy_timeout_seconds=values["database"]["busy_timeout_seconds"],
         model=ModelSettings(
             path=_resolve(base, model["path"]) if model["path"] else None,
             threads=model["threads"],

@@ -21,9 +21,7 @@ from dermwatch.store.queries import counts
 TINY_INPUT = 32
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained but real network, converted to TFLite by the project's export code."""
+def _tiny_tflite(folder: Path, melanoma_threshold: float) -> Path:
     import keras
 
     from dermwatch.training.export import card_document, convert, save_tflite, with_probabilities
@@ -31,10 +29,21 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     keras.utils.set_random_seed(0)
     model = with_probabilities(build_model("dermnet", TINY_INPUT, width=4), temperature=1.0)
-    path = tmp_path_factory.mktemp("model") / "tiny.tflite"
     document = card_document(name="tiny-test-model", version="test", input_size=TINY_INPUT,
-                             melanoma_threshold=0.5, quantization="float32")
-    return save_tflite(convert(model), path, document)
+                             melanoma_threshold=melanoma_threshold, quantization="float32")
+    return save_tflite(convert(model), folder / "tiny.tflite", document)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained but real network, converted to TFLite by the project's export code."""
+    return _tiny_tflite(tmp_path_factory.mktemp("model"), melanoma_threshold=0.5)
+
+
+@pytest.fixture(scope="session")
+def flag_everything_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same network with an alert threshold so low that every image is flagged."""
+    return _tiny_tflite(tmp_path_factory.mktemp("model-flags-all"), melanoma_threshold=1e-6)
 
 
 @pytest.fixture
@@ -94,16 +103,21 @@ def wait_until(condition: Callable[[], bool], timeout: float, message: str) -> N
 class Service:
     """`dermwatch run` in a subprocess, with a real NOTIFY_SOCKET to hear READY=1 from it."""
 
-    def __init__(self, config_file: Path, log_path: Path) -> None:
+    def __init__(self, config_file: Path, log_path: Path, *, prefix: tuple[str, ...] = (),
+                 umask: int | None = None) -> None:
         self.notify_path = config_file.parent / f"notify-{time.monotonic_ns()}.sock"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
+        os.chmod(self.notify_path, 0o777)
         self.messages: list[str] = []
+        self.log_path = log_path
         self.log = log_path.open("ab")
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path)}
+        # A 2 s watchdog: the service then sends WATCHDOG=1 and its STATUS= line every second.
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "WATCHDOG_USEC": "2000000"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dermwatch", "run", "--config", str(config_file)],
+            [*prefix, sys.executable, "-m", "dermwatch", "run", "--config", str(config_file)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=None if umask is None else (lambda: os.umask(umask)),
         )
 
     def wait_ready(self, timeout: float = 60) -> None:
@@ -116,6 +130,16 @@ class Service:
             self.messages.append(message)
             if "READY=1" in message.split("\n"):
                 return
+
+    def statuses(self) -> list[str]:
+        """Every STATUS= the service has sent so far."""
+        self.notify.settimeout(0)
+        try:
+            while True:
+                self.messages.append(self.notify.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        return [line[len("STATUS="):] for m in self.messages for line in m.split("\n") if line.startswith("STATUS=")]
 
     def stop(self, timeout: float = 30) -> int:
         if self.process.poll() is None:
@@ -134,8 +158,8 @@ class Service:
 def start_service(config_file: Path, tmp_path: Path) -> Iterator[Callable[[], Service]]:
     started: list[Service] = []
 
-    def start() -> Service:
-        service = Service(config_file, tmp_path / "service.log")
+    def start(**options) -> Service:
+        service = Service(config_file, tmp_path / "service.log", **options)
         started.append(service)
         service.wait_ready()
         return service

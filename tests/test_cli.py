@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from alembic import command
 from click.testing import CliRunner
 from conftest import write_jpeg
-from sqlalchemy import create_engine, text
 
 from dermwatch.cli import cli
 from dermwatch.config import Settings
 from dermwatch.labels import CLASS_NAMES
+from dermwatch.store.db import alembic_config, head_revision
 
 
 def invoke(*args: str):
@@ -61,23 +62,19 @@ def test_process_then_status(config_file: Path, settings: Settings, tmp_path: Pa
     assert {k: status[k] for k in ("images", "predictions", "quarantined", "pending")} == {
         "images": 20, "predictions": 20, "quarantined": 1, "pending": 0}
     assert status["flagged"] >= 0 and status["model"].startswith("tiny-test-model test")
-    assert status["db_revision"] == status["db_head"] == "0002"
+    assert status["db_revision"] == status["db_head"] == head_revision()
 
 
 def test_db_check_and_an_out_of_date_schema(config_file: Path, settings: Settings) -> None:
     assert invoke("db", "check", "--config", str(config_file)).exit_code == 1
-    assert "database at revision 0002" in invoke("db", "upgrade", "--config", str(config_file)).stdout
+    assert f"database at revision {head_revision()}" in invoke("db", "upgrade", "--config", str(config_file)).stdout
     assert invoke("db", "check", "--config", str(config_file)).exit_code == 0
-    engine = create_engine(settings.database_url)
-    with engine.begin() as connection:  # as if this database had been left at the first schema
-        connection.execute(text("DROP TABLE alerts"))
-        connection.execute(text("UPDATE alembic_version SET version_num = '0001'"))
-    engine.dispose()
+    command.downgrade(alembic_config(settings.database_url), "0001")  # as if left at the first schema
     result = subprocess.run([sys.executable, "-m", "dermwatch", "run", "--config", str(config_file)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: database schema is at revision 0001, this version needs 0002: "
+        f"error: database schema is at revision 0001, this version needs {head_revision()}: "
         "run `dermwatch db upgrade` (back up the database first)")
     assert invoke("db", "upgrade", "--config", str(config_file)).exit_code == 0
     assert invoke("db", "check", "--config", str(config_file)).exit_code == 0
@@ -95,6 +92,36 @@ def test_config_error_is_one_line_without_traceback(tmp_path: Path) -> None:
 def test_status_without_a_model_says_what_is_missing(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('[model]\npath = "none.tflite"\n')
+    assert invoke("db", "upgrade", "--config", str(config)).exit_code == 0
     status = json.loads(invoke("status", "--config", str(config), "--json").stdout)
     assert status["model"] is None and "does not exist" in status["model_error"]
-    assert status["db_revision"] is None
+    assert status["service"] == "not running"
+
+
+@pytest.mark.parametrize("command_line", [["status"], ["status", "--json"], ["report"], ["db", "check"]])
+def test_looking_at_a_folder_with_no_installation_creates_nothing(tmp_path: Path, command_line: list[str]) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    result = subprocess.run([sys.executable, "-m", "dermwatch", *command_line, "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: no database at {tmp_path / 'var' / 'dermwatch.db'}: nothing has run with this configuration yet "
+        "(start the service with `dermwatch run`, or pass the service's --config)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+
+
+@pytest.mark.parametrize("url, message", [
+    ("postgres://u@localhost/d", "error: [database] url: SQLAlchemy has no database type 'postgres' "
+                                 "(PostgreSQL is postgresql+psycopg://…)"),
+    ("postgresql+psycopg2://u@localhost/d", "error: [database] url needs a driver that is not installed (psycopg2): "
+                                            "pip install 'dermwatch[postgres]' and write the URL as "
+                                            "postgresql+psycopg://user@host/dbname"),
+])
+def test_database_url_mistakes_are_one_line_naming_the_fix(tmp_path: Path, url: str, message: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{url}"\n')
+    result = subprocess.run([sys.executable, "-m", "dermwatch", "run", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [message]

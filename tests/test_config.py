@@ -94,3 +94,23 @@ def test_every_default_section_is_documented_in_config_toml() -> None:
         assert f"[{section}]" in text
         for key in keys:
             assert f"\n{key} = " in text
+
+
+def test_polling_gets_a_safe_settle_time_unless_one_is_set(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[watcher]\npolling = true\n")
+    assert load_settings(config).watcher.settle_seconds == 5.0
+    config.write_text("[watcher]\npolling = true\nsettle_seconds = 2\n")
+    assert load_settings(config).watcher.settle_seconds == 2.0
+    config.write_text("")
+    assert load_settings(config).watcher.settle_seconds == 1.0
+
+
+def test_python_and_build_requirements_agree_with_the_readme() -> None:
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["requires-python"] == ">=3.11"  # tomllib, used by config.py, is 3.11+
+    assert project["build-system"]["requires"] == ["setuptools>=77"]  # license = "MIT" needs 77
+    assert "Python 3.11 or newer" in (root / "README.md").read_text()

@@ -6,6 +6,7 @@ import json
 import struct
 import zlib
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dermwatch.config import Settings
+from dermwatch.config import Settings, load_settings
 from dermwatch.pipeline.process import Processor, open_processor
 from dermwatch.store.models import Image as ImageRow
 from dermwatch.store.models import Prediction, Rejection, Sighting
@@ -206,7 +207,7 @@ def test_sidecar_is_stored_with_the_image(processor: Processor, settings: Settin
     assert run_one(processor, image).status == "classified"
     with Session(processor.engine) as session:
         row = session.scalars(select(ImageRow)).one()
-        assert row.sidecar == sidecar
+        assert row.sightings[0].sidecar == sidecar
         assert Path(row.archive_path).with_suffix(".json").is_file()
     assert not (settings.paths.intake / "back.json").exists()
 
@@ -222,7 +223,7 @@ def test_bad_sidecar_quarantines_image_and_sidecar(processor: Processor, setting
     (settings.paths.intake / "arm.json").write_text(content)
     outcome = run_one(processor, image)
     assert outcome.status == "rejected" and reason in outcome.detail
-    quarantined = sorted(p.name.partition("__")[2] for p in settings.paths.quarantine.iterdir())
+    quarantined = sorted(p.name.partition("-")[2] for p in settings.paths.quarantine.iterdir())
     assert quarantined == ["arm.jpg", "arm.json"]
 
 
@@ -239,6 +240,7 @@ def test_recover_finishes_a_committed_arrival_without_counting_it_twice(processo
     # Simulate a crash between commit and archive: put the file back into work/.
     with Session(processor.engine) as session:
         archived = Path(session.scalars(select(ImageRow)).one().archive_path)
+    item.work_path.parent.mkdir()
     archived.rename(item.work_path)
     outcomes = processor.recover()
     assert [o.status for o in outcomes] == ["classified"]
@@ -251,3 +253,59 @@ def test_one_sighting_per_arrival_is_recorded_with_its_time(processor: Processor
     with Session(processor.engine) as session:
         sighting = session.scalars(select(Sighting)).one()
         assert sighting.received_at.tzinfo is not None
+
+
+def test_the_same_image_for_two_patients_keeps_both_references(processor: Processor, settings: Settings) -> None:
+    first = write_jpeg(settings.paths.intake / "a.jpg", seed=20)
+    data = first.read_bytes()
+    (settings.paths.intake / "a.json").write_text('{"patient_reference": "P-1", "notes": "first"}')
+    assert run_one(processor, first).status == "classified"
+    again = settings.paths.intake / "b.jpg"
+    again.write_bytes(data)
+    (settings.paths.intake / "b.json").write_text('{"patient_reference": "P-2"}')
+    assert run_one(processor, again).status == "seen before"
+    with Session(processor.engine) as session:
+        sidecars = [s.sidecar for s in session.scalars(select(Sighting).order_by(Sighting.id))]
+    assert sidecars == [{"patient_reference": "P-1", "notes": "first"}, {"patient_reference": "P-2"}]
+    assert len(list(settings.paths.archive.rglob("*.json"))) == 2
+
+
+def test_a_huge_sidecar_is_refused_without_reading_it(processor: Processor, settings: Settings) -> None:
+    import tracemalloc
+
+    image = write_jpeg(settings.paths.intake / "big.jpg", seed=21)
+    with (settings.paths.intake / "big.json").open("wb") as handle:
+        handle.truncate(50 * 1024 * 1024)
+    tracemalloc.start()
+    outcome = run_one(processor, image)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert outcome.status == "rejected" and "sidecar big.json is over 65536 bytes" in outcome.detail
+    assert peak < 10 * 1024 * 1024
+
+
+def test_archive_folders_follow_the_site_time_zone(config_file: Path) -> None:
+    from datetime import datetime, timezone
+
+    # A zone whose date differs from UTC's right now, so a UTC-dated folder would be caught.
+    zone = "Pacific/Kiritimati" if datetime.now(timezone.utc).hour >= 10 else "Pacific/Pago_Pago"
+    config_file.write_text(config_file.read_text() + f'[site]\ntimezone = "{zone}"\n')
+    processor = open_processor(load_settings(config_file))
+    assert run_one(processor, write_jpeg(processor.paths.intake / "z.jpg", seed=22)).status == "classified"
+    with Session(processor.engine) as session:
+        image = session.scalars(select(ImageRow)).one()
+    local_day = image.received_at.astimezone(ZoneInfo(zone)).date()
+    assert local_day != image.received_at.date()
+    assert Path(image.archive_path).parent == processor.paths.archive / local_day.strftime("%Y/%m/%d")
+    assert Path(image.archive_path).is_file()
+
+
+def test_a_name_too_long_for_a_prefix_is_shortened_in_archive_and_quarantine(processor: Processor,
+                                                                            settings: Settings) -> None:
+    name = "ä" * 125 + ".jpg"  # 254 bytes
+    assert run_one(processor, write_jpeg(settings.paths.intake / name, seed=23)).status == "classified"
+    (settings.paths.intake / name).write_bytes(b"not an image")
+    assert run_one(processor, settings.paths.intake / name).status == "rejected"
+    for folder in (settings.paths.archive, settings.paths.quarantine):
+        (placed,) = [p for p in folder.rglob("*.jpg")]
+        assert len(placed.name.encode()) <= 255 and placed.name.endswith("ää.jpg")

@@ -52,12 +52,12 @@ def add_image(settings: Settings, engine, name: str, *, seed: int, melanoma: flo
     probabilities["nevus"] += 1 - sum(probabilities.values())
     received = received_local.astimezone(timezone.utc)
     with Session(engine) as session, session.begin():
-        image = ImageRow(sha256=f"{seed:064d}", original_name=name, sidecar=sidecar, received_at=received,
+        image = ImageRow(sha256=f"{seed:064d}", original_name=name, received_at=received,
                          processed_at=received, bytes=1, format="JPEG", width=400, height=300,
                          archive_path=str(archive))
         session.add_all([
             image,
-            Sighting(image=image, claim=f"claim-{seed}", original_name=name, received_at=received),
+            Sighting(image=image, claim=f"claim-{seed}", original_name=name, received_at=received, sidecar=sidecar),
             Prediction(image=image, model_version=card.version, model_sha256=card.sha256, created_at=received,
                        top_label=max(probabilities, key=probabilities.get), melanoma_score=melanoma,
                        threshold=card.melanoma_threshold, flagged=melanoma >= card.melanoma_threshold,
@@ -372,3 +372,41 @@ def test_report_command_renders_the_chosen_day(day_of_images, berlin_config: Pat
         f"{settings.paths.reports / '2026-03-14.html'}: 5 images, 2 suspected melanoma, 1 could not be read")
     bad = CliRunner().invoke(cli, ["report", "--config", str(berlin_config), "--date", "14.03.2026"])
     assert bad.exit_code == 2 and "14.03.2026" in bad.stderr
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(berlin_config: Path) -> None:
+    settings = load_settings(berlin_config)
+    engine = make_engine(settings.database_url)
+    ensure_schema(engine)
+    formulas = {"patient_reference": "=HYPERLINK(\"http://x\",\"P\")", "lesion_reference": "+1+1",
+                "body_site": "@SUM(A1)", "notes": "\tnote"}
+    add_image(settings, engine, "-2+3.jpg", seed=7, melanoma=0.9, top="melanoma",
+              received_local=datetime.combine(DAY, time(9), BERLIN), sidecar=formulas)
+    rendered = Reporter(settings, engine, None).render(DAY)
+    with rendered.csv.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert all(not cell.startswith(("=", "+", "-", "@", "\t", "\r")) for row in rows for cell in row)
+    (row,) = list(csv.DictReader(rendered.csv.open(newline="")))
+    assert row["patient_reference"] == "'" + formulas["patient_reference"] and row["original_name"] == "'-2+3.jpg"
+    assert json.loads(rendered.json.read_text())["rows"][0]["patient_reference"] == formulas["patient_reference"]
+
+
+def test_one_image_for_two_patients_shows_both_in_every_format(berlin_config: Path) -> None:
+    settings = load_settings(berlin_config)
+    engine = make_engine(settings.database_url)
+    ensure_schema(engine)
+    add_image(settings, engine, "mole.jpg", seed=8, melanoma=0.9, top="melanoma",
+              received_local=datetime.combine(DAY, time(9), BERLIN), sidecar={"patient_reference": "P-A"})
+    with Session(engine) as session, session.begin():
+        image = session.scalars(select(ImageRow)).one()
+        session.add(Sighting(image=image, claim="again", original_name="mole-copy.jpg",
+                             received_at=datetime.combine(DAY, time(10), BERLIN).astimezone(timezone.utc),
+                             sidecar={"patient_reference": "P-B", "notes": "sent again by the GP"}))
+    rendered = Reporter(settings, engine, None).render(DAY)
+    rows = list(csv.DictReader(rendered.csv.open(newline="")))
+    assert [(r["original_name"], r["patient_reference"]) for r in rows] == [("mole.jpg", "P-A"),
+                                                                          ("mole-copy.jpg", "P-B")]
+    document = json.loads(rendered.json.read_text())
+    assert [r["patient_reference"] for r in document["rows"]] == ["P-A", "P-B"] and document["images"] == 1
+    html = rendered.html.read_text()
+    assert "P-A" in html and "P-B" in html and "sent again by the GP" in html

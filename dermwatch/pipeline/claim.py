@@ -1,8 +1,9 @@
 """Taking a file out of the intake folder: atomically, once, with its sidecar.
 
-A claimed file lives in ``state/work/<token>__<original name>``. The token is unique per
-arrival and is stored with the result, so a restart can tell a finished arrival from a
-new one and nothing is counted twice.
+A claimed file lives in ``state/work/<token>/<original name>``, its sidecar beside it as
+``.sidecar.json``. The folder keeps the name exactly as it came (no prefix makes a long
+name too long), and the token is unique per arrival and stored with the result, so a
+restart can tell a finished arrival from a new one and nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -12,42 +13,60 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-SEPARATOR = "__"
+from dermwatch.errors import DISK_FULL_ERRNOS, TransientFault
+from dermwatch.pipeline.names import NAME_MAX, fitted_name
+
 SIDECAR_SUFFIX = ".json"
-PARTIAL_SUFFIX = ".partial"
+#: Inside a claim folder; a name starting with "." is never an image to take.
+CLAIMED_SIDECAR = ".sidecar.json"
+PARTIAL = ".partial"
+#: Separator of the flat ``<token>__<name>`` work files of versions before claim folders.
+LEGACY_SEPARATOR = "__"
 _IGNORED_PREFIXES = (".", "~")
-_IGNORED_SUFFIXES = (".part", ".tmp", SIDECAR_SUFFIX)
+_IGNORED_SUFFIXES = (".part", ".tmp")
+#: Longest name place() is given: room is left for the "-N" it adds when a name is taken.
+PLACED_NAME_MAX = NAME_MAX - 8
 
 
 @dataclass(frozen=True)
 class Claimed:
     token: str
     work_path: Path
-    original_name: str
+    original_name: str  # as it came; may carry non-UTF-8 bytes as surrogates
     sidecar_path: Path | None
 
 
-def is_candidate(name: str) -> bool:
-    """Whether a file name in the intake folder is an image to take (sidecars come along)."""
+class Unmovable(Exception):
+    """The file cannot be taken out of the intake folder (permissions, a read-only share)."""
+
+
+def is_taken(name: str) -> bool:
+    """Whether the watcher takes a file of this name: an image, or a sidecar."""
     lowered = name.lower()
     return not name.startswith(_IGNORED_PREFIXES) and not lowered.endswith(_IGNORED_SUFFIXES)
 
 
-def iter_candidates(folder: Path) -> Iterator[Path]:
-    """Every file under ``folder`` to take, in a stable order; missing folder: none.
+def is_sidecar(name: str) -> bool:
+    return name.lower().endswith(SIDECAR_SUFFIX)
+
+
+def iter_candidates(folder: Path, *, sidecars: bool = False,
+                    on_error: Callable[[OSError], None] | None = None) -> Iterator[Path]:
+    """Every image file under ``folder`` (and sidecar, if asked), in a stable order.
 
     Symlinked folders are not followed but yielded like files, so they are refused with a
-    reason instead of being skipped in silence.
+    reason instead of being skipped in silence. A subfolder that cannot be listed is
+    passed to ``on_error``.
     """
-    for parent, dirs, files in os.walk(folder):
+    for parent, dirs, files in os.walk(folder, onerror=on_error):
         dirs.sort()
         links = [name for name in dirs if os.path.islink(os.path.join(parent, name))]
         for name in sorted([*files, *links]):
-            if is_candidate(name):
+            if is_taken(name) and (sidecars or not is_sidecar(name)):
                 yield Path(parent) / name
 
 
@@ -55,15 +74,36 @@ def sidecar_of(path: Path) -> Path:
     return path.with_name(path.stem + SIDECAR_SUFFIX)
 
 
+def new_token() -> str:
+    return f"{time.time_ns():016x}{secrets.token_hex(4)}"
+
+
 def claim(path: Path, work_dir: Path) -> Claimed | None:
-    """Move ``path`` (and ``<stem>.json`` beside it) into ``work_dir``; None if it vanished."""
-    token = f"{time.time_ns():016x}{secrets.token_hex(4)}"
-    work_path = work_dir / f"{token}{SEPARATOR}{path.name}"
-    if not _move(path, work_path):
+    """Move ``path`` (and ``<stem>.json`` beside it) into a new claim folder; None if it vanished.
+
+    Raises :class:`Unmovable` when the file cannot be moved, :class:`TransientFault` when
+    the disk is full.
+    """
+    token = new_token()
+    folder = work_dir / token
+    _guard_disk(lambda: folder.mkdir())
+    work_path = folder / path.name
+    try:
+        moved = _move(path, work_path)
+    except OSError as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        if error.errno in DISK_FULL_ERRNOS:
+            raise TransientFault(f"disk full: cannot move files into {work_dir} ({error.strerror})") from None
+        raise Unmovable(error.strerror or str(error)) from None
+    if not moved:
+        folder.rmdir()
         return None
     sidecar = sidecar_of(path)
-    work_sidecar = work_dir / f"{token}{SEPARATOR}{sidecar.name}"
-    has_sidecar = not sidecar.is_symlink() and _move(sidecar, work_sidecar)
+    work_sidecar = folder / CLAIMED_SIDECAR
+    try:
+        has_sidecar = not sidecar.is_symlink() and _move(sidecar, work_sidecar)
+    except OSError:  # left in intake: it is then handled as a sidecar that came late
+        has_sidecar = False
     return Claimed(token, work_path, path.name, work_sidecar if has_sidecar else None)
 
 
@@ -72,17 +112,38 @@ def reclaim(work_dir: Path) -> list[Claimed]:
 
     Half-finished cross-filesystem copies are deleted: their source is still in intake.
     """
-    entries = sorted(work_dir.iterdir())
-    names = {p.name for p in entries}
     claimed = []
-    for path in entries:
-        token, separator, name = path.name.partition(SEPARATOR)
-        if path.name.endswith(PARTIAL_SUFFIX):
-            path.unlink()
-        elif separator and not name.lower().endswith(SIDECAR_SUFFIX):
-            sidecar = f"{token}{SEPARATOR}{Path(name).stem}{SIDECAR_SUFFIX}"
-            claimed.append(Claimed(token, path, name, work_dir / sidecar if sidecar in names else None))
+    for entry in sorted(work_dir.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            (entry / PARTIAL).unlink(missing_ok=True)
+            images = [p for p in entry.iterdir() if p.name != CLAIMED_SIDECAR]
+            if not images:
+                shutil.rmtree(entry)
+                continue
+            sidecar = entry / CLAIMED_SIDECAR
+            claimed.append(Claimed(entry.name, images[0], images[0].name, sidecar if sidecar.exists() else None))
+        else:
+            claimed += _legacy_claim(entry)
     return claimed
+
+
+def _legacy_claim(path: Path) -> list[Claimed]:
+    """A flat ``<token>__<name>`` work file of an older version (sidecars ride with their image)."""
+    token, separator, name = path.name.partition(LEGACY_SEPARATOR)
+    if path.name.endswith(PARTIAL):
+        path.unlink()
+        return []
+    if not separator or is_sidecar(name):
+        return []
+    sidecar = path.with_name(f"{token}{LEGACY_SEPARATOR}{Path(name).stem}{SIDECAR_SUFFIX}")
+    return [Claimed(token, path, name, sidecar if sidecar.exists() else None)]
+
+
+def release(item: Claimed) -> None:
+    """Remove the claim folder once its files have been placed elsewhere."""
+    folder = item.work_path.parent
+    if folder.name == item.token:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _move(source: Path, target: Path) -> bool:
@@ -95,25 +156,57 @@ def _move(source: Path, target: Path) -> bool:
     except OSError as error:
         if error.errno != errno.EXDEV:
             raise
-    partial = target.with_name(target.name + PARTIAL_SUFFIX)
+    partial = target.with_name(PARTIAL)
     try:
         shutil.copy2(source, partial, follow_symlinks=False)
+        with partial.open("rb") as handle:
+            os.fsync(handle.fileno())
     except FileNotFoundError:
+        partial.unlink(missing_ok=True)
         return False
-    with partial.open("rb") as handle:
-        os.fsync(handle.fileno())
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
     os.rename(partial, target)
     source.unlink(missing_ok=True)
     return True
 
 
-def place(source: Path, target: Path) -> Path:
-    """Move a finished file to ``target`` (archive or quarantine), never overwriting another."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    final = target
+def place(source: Path, target_dir: Path, name: str, umask: int) -> Path:
+    """Move a finished file into ``target_dir`` as ``name``, never overwriting another.
+
+    The file keeps no permission the service's umask would not give a new file: an image
+    dropped world-readable does not stay world-readable in the archive.
+    """
+    _guard_disk(lambda: target_dir.mkdir(parents=True, exist_ok=True))
+    final = target_dir / name
     counter = 1
     while final.exists() or final.is_symlink():
-        final = target.with_name(f"{target.stem}-{counter}{target.suffix}")
+        stem, dot, suffix = name.rpartition(".")
+        final = target_dir / (f"{stem}-{counter}.{suffix}" if dot else f"{name}-{counter}")
         counter += 1
-    os.rename(source, final)
+    try:
+        os.rename(source, final)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        shutil.copy2(source, final, follow_symlinks=False)  # a sidecar straight from an intake share
+        source.unlink()
+    mode = final.lstat().st_mode & 0o7777
+    if mode & umask:
+        os.chmod(final, mode & ~umask)
     return final
+
+
+def archive_name(sha256: str, original_name: str) -> str:
+    """``<sha-prefix>-<name>``, shortened where that would be too long a file name."""
+    return fitted_name(f"{sha256[:12]}-", original_name, PLACED_NAME_MAX)
+
+
+def _guard_disk(action) -> None:
+    try:
+        action()
+    except OSError as error:
+        if error.errno in DISK_FULL_ERRNOS:
+            raise TransientFault(f"disk full: {error.strerror}") from None
+        raise

@@ -4,6 +4,10 @@ claim -> sha256 -> (seen by this model? sighting) -> decode -> preprocess -> cla
 -> one transaction -> archive; any rejection -> a row with the reason -> quarantine.
 Files move out of state/work/ only after their transaction commits, so a crash at any
 point is finished by :meth:`Processor.recover` without losing or doubling anything.
+
+One file's fault is that file's fate (quarantine, or a rejection row where it cannot even
+be moved); a fault of the disk or the database is raised as :class:`TransientFault` for
+the caller to wait out, with the arrivals left in state/work/ to be resumed.
 """
 
 from __future__ import annotations
@@ -11,25 +15,38 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import numpy as np
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from dermwatch.config import PathSettings, Settings, ensure_folders
-from dermwatch.errors import RejectedImage
+from dermwatch.errors import RejectedImage, as_transient
 from dermwatch.labels import CLASS_NAMES, MELANOMA
-from dermwatch.pipeline.claim import Claimed, claim, place, reclaim
+from dermwatch.permissions import process_umask
+from dermwatch.pipeline.claim import (
+    PLACED_NAME_MAX,
+    Claimed,
+    Unmovable,
+    archive_name,
+    claim,
+    new_token,
+    place,
+    reclaim,
+    release,
+)
 from dermwatch.pipeline.classifier import Classifier, load_classifier
 from dermwatch.pipeline.decode import DecodedImage, read_model_input
+from dermwatch.pipeline.names import display_name, fitted_name, name_bytes
 from dermwatch.pipeline.sidecar import read_sidecar
 from dermwatch.store.db import ensure_schema, make_engine, session_scope
 from dermwatch.store.models import Alert, Image, Prediction, Rejection, Sighting, probability_column, utc_now
 
 log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -50,33 +67,50 @@ class _Arrival:
     sidecar: dict[str, str] | None = None
     pixels: np.ndarray | None = None
 
+    @property
+    def name(self) -> str:
+        return display_name(self.item.original_name)
+
 
 class Processor:
     """Holds what every image needs: folders, database, classifier, limits."""
 
     def __init__(self, paths: PathSettings, engine: Engine, classifier: Classifier, max_pixels: int,
-                 alert_channels: tuple[str, ...] = ()) -> None:
+                 alert_channels: tuple[str, ...] = (), zone: ZoneInfo | timezone = timezone.utc) -> None:
         self.paths = paths
         self.alert_channels = alert_channels
         self.engine = engine
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.classifier = classifier
         self.max_pixels = max_pixels
+        self.zone = zone  # archive folders are named by the site's local date
+        self.umask = process_umask()
 
     def claim(self, path: Path) -> Claimed | None:
-        return claim(path, self.paths.work)
+        """Take ``path`` into state/work/; None if it vanished or cannot be moved (recorded once)."""
+        try:
+            return claim(path, self.paths.work)
+        except Unmovable as error:
+            self._record_unmovable(path, str(error))
+            return None
 
     def recover(self) -> list[Outcome]:
         """Finish every arrival an interrupted run left in state/work/."""
         left = reclaim(self.paths.work)
-        if not left:
-            return []
-        log.warning("finishing %d file(s) left in %s by an interrupted run", len(left), self.paths.work)
-        outcomes = []
-        for item in left:
-            finished = self._finish_if_recorded(item)
-            outcomes += [finished] if finished else self.process([item])
-        return outcomes
+        if left:
+            log.warning("finishing %d file(s) left in %s by an interrupted run", len(left), self.paths.work)
+        return self.resume(left)
+
+    def resume(self, items: list[Claimed]) -> list[Outcome]:
+        """Finish claimed arrivals whatever state they are in: recorded ones are only moved on."""
+        outcomes, unrecorded = [], []
+        for item in items:
+            finished = _guarded(lambda item=item: self._finish_if_recorded(item))
+            if finished:
+                outcomes.append(finished)
+            else:
+                unrecorded.append(item)
+        return outcomes + self.process(unrecorded)
 
     def process(self, items: list[Claimed]) -> list[Outcome]:
         """Process claimed files; classify the decodable ones in one interpreter call."""
@@ -95,14 +129,18 @@ class Processor:
                     repeats.append(arrival)
                     continue
                 self._decode(arrival)
-            except RejectedImage as rejection:
-                outcomes.append(self._reject(arrival, str(rejection)))
+            except Exception as error:  # noqa: BLE001 - sorted by _blame: this file's fate, or a passing fault
+                outcomes.append(self._reject(arrival, _blame(error)))
                 continue
             to_classify[arrival.sha256] = arrival
         if to_classify:
             arrivals = list(to_classify.values())
             probabilities = self.classifier.predict(np.stack([a.pixels for a in arrivals]))
-            outcomes += [self._store(a, p) for a, p in zip(arrivals, probabilities, strict=True)]
+            for arrival, p in zip(arrivals, probabilities, strict=True):
+                try:
+                    outcomes.append(self._store(arrival, p))
+                except Exception as error:  # noqa: BLE001 - as above
+                    outcomes.append(self._reject(arrival, _blame(error)))
         outcomes += [self._record_if_seen(a) for a in repeats]
         return outcomes
 
@@ -116,7 +154,8 @@ class Processor:
         arrival.sha256 = hashlib.sha256(arrival.data).hexdigest()
         if not arrival.data:
             raise RejectedImage("empty file (0 bytes)")
-        arrival.sidecar = read_sidecar(arrival.item.sidecar_path)
+        sidecar_name = display_name(Path(arrival.item.original_name).stem) + ".json"
+        arrival.sidecar = read_sidecar(arrival.item.sidecar_path, sidecar_name)
 
     def _decode(self, arrival: _Arrival) -> None:
         arrival.decoded, arrival.pixels = read_model_input(
@@ -129,11 +168,11 @@ class Processor:
             sighting = session.scalar(select(Sighting).where(Sighting.claim == item.token))
             if sighting is not None:
                 self._archive(item, sighting.image.sha256, sighting.received_at)
-                return Outcome(item.original_name, "classified", "recovered after restart")
+                return Outcome(display_name(item.original_name), "classified", "recovered after restart")
             rejection = session.scalar(select(Rejection).where(Rejection.claim == item.token))
             if rejection is not None:
                 self._quarantine(item)
-                return Outcome(item.original_name, "rejected", rejection.reason)
+                return Outcome(display_name(item.original_name), "rejected", rejection.reason)
         return None
 
     def _record_if_seen(self, arrival: _Arrival) -> Outcome | None:
@@ -146,27 +185,38 @@ class Processor:
                 return None
             session.add(_sighting(image, arrival))
         self._archive(arrival.item, arrival.sha256, arrival.received_at)
-        log.info("%s: same bytes as %s, already classified", arrival.item.original_name, image.original_name)
-        return Outcome(arrival.item.original_name, "seen before", _describe(previous))
+        log.info("%s: same bytes as %s, already classified", arrival.name, image.original_name)
+        return Outcome(arrival.name, "seen before", _describe(previous))
 
     def _store(self, arrival: _Arrival, probabilities: np.ndarray) -> Outcome:
+        try:
+            return self._store_prediction(arrival, probabilities)
+        except IntegrityError:
+            # Another process (`dermwatch process` beside the service) stored the same bytes
+            # a moment ago: this arrival is a sighting of that image.
+            seen = self._record_if_seen(arrival)
+            if seen is None:
+                raise
+            return seen
+
+    def _store_prediction(self, arrival: _Arrival, probabilities: np.ndarray) -> Outcome:
         card = self.classifier.card
         decoded = arrival.decoded
         melanoma_score = float(probabilities[CLASS_NAMES.index(MELANOMA)])
+        archive_path = self.archive_target(arrival.item.original_name, arrival.sha256, arrival.received_at)
         with session_scope(self.sessions) as session:
             image = session.scalar(select(Image).where(Image.sha256 == arrival.sha256))
             if image is None:
                 image = Image(
                     sha256=arrival.sha256,
-                    original_name=arrival.item.original_name,
-                    sidecar=arrival.sidecar,
+                    original_name=arrival.name,
                     received_at=arrival.received_at,
                     processed_at=utc_now(),
                     bytes=len(arrival.data),
                     format=decoded.format,
                     width=decoded.width,
                     height=decoded.height,
-                    archive_path=str(_archive_target(self.paths, arrival.item, arrival.sha256, arrival.received_at)),
+                    archive_path=str(archive_path),
                 )
                 session.add(image)
             prediction = Prediction(
@@ -189,7 +239,7 @@ class Processor:
                     for channel in self.alert_channels
                 )
         self._archive(arrival.item, arrival.sha256, arrival.received_at)
-        outcome = Outcome(arrival.item.original_name, "classified", _describe(prediction))
+        outcome = Outcome(arrival.name, "classified", _describe(prediction))
         log.info("%s: %s", outcome.name, outcome.detail)
         return outcome
 
@@ -199,42 +249,96 @@ class Processor:
             session.add(
                 Rejection(
                     claim=item.token,
-                    original_name=item.original_name,
+                    original_name=arrival.name,
+                    original_name_bytes=name_bytes(item.original_name),
                     sha256=arrival.sha256,
                     bytes=len(arrival.data) if arrival.sha256 else None,
                     reason=reason,
                     rejected_at=arrival.received_at,
-                    quarantine_path=str(self.paths.quarantine / item.work_path.name),
+                    quarantine_path=str(self.paths.quarantine / _quarantine_name(item)),
                 )
             )
         self._quarantine(item)
-        log.warning("%s: rejected: %s", item.original_name, reason)
-        return Outcome(item.original_name, "rejected", reason)
+        log.warning("%s: rejected: %s", arrival.name, reason)
+        return Outcome(arrival.name, "rejected", reason)
+
+    def _record_unmovable(self, path: Path, why: str) -> None:
+        """A file that cannot even be moved: one rejection row (not one per scan), and it stays."""
+        shown = display_name(str(path))
+        try:
+            size: int | None = path.lstat().st_size
+        except OSError:
+            size = None
+        reason = (f"cannot take it out of the intake folder ({why}); it stays there: give the service's "
+                  "user write access to its folder and read access to the file")
+        with session_scope(self.sessions) as session:
+            known = session.scalar(
+                select(Rejection.id).where(Rejection.quarantine_path == shown, Rejection.reason == reason)
+                .where(Rejection.bytes.is_(None) if size is None else Rejection.bytes == size)
+            )
+            if known is None:
+                session.add(Rejection(claim=new_token(), original_name=display_name(path.name),
+                                      original_name_bytes=name_bytes(path.name), sha256=None, bytes=size,
+                                      reason=reason, rejected_at=utc_now(), quarantine_path=shown))
+        if known is None:
+            log.error("%s: %s", shown, reason)
 
     def _archive(self, item: Claimed, sha256: str, received_at: datetime) -> None:
-        target = _archive_target(self.paths, item, sha256, received_at)
+        target = self.archive_target(item.original_name, sha256, received_at)
         if item.sidecar_path is not None:
-            place(item.sidecar_path, target.with_name(f"{target.stem}.json"))
-        place(item.work_path, target)
+            place(item.sidecar_path, target.parent, f"{target.stem}.json", self.umask)
+        place(item.work_path, target.parent, target.name, self.umask)
+        release(item)
 
     def _quarantine(self, item: Claimed) -> None:
+        name = _quarantine_name(item)
         if item.sidecar_path is not None:
-            place(item.sidecar_path, self.paths.quarantine / item.sidecar_path.name)
-        place(item.work_path, self.paths.quarantine / item.work_path.name)
+            place(item.sidecar_path, self.paths.quarantine, f"{Path(name).stem}.json", self.umask)
+        place(item.work_path, self.paths.quarantine, name, self.umask)
+        release(item)
+
+    def archive_target(self, original_name: str, sha256: str, received_at: datetime) -> Path:
+        """archive/YYYY/MM/DD/<sha-prefix>-<name>, by the site's local date of the arrival."""
+        day = received_at.astimezone(self.zone).strftime("%Y/%m/%d")
+        return self.paths.archive / day / archive_name(sha256, original_name)
 
 
 def open_processor(settings: Settings) -> Processor:
-    """Load the model, check the schema, create the folders: what `run` and `process` share."""
-    classifier = load_classifier(settings.model.path, settings.model.threads)
-    engine = make_engine(settings.database_url)
+    """Check the database, load the model, create the folders: what `run` and `process` share."""
+    engine = make_engine(settings.database_url, settings.busy_timeout_seconds)
     ensure_schema(engine)
+    classifier = load_classifier(settings.model.path, settings.model.threads)
     ensure_folders(settings)
-    return Processor(settings.paths, engine, classifier, settings.max_pixels, settings.alerts.channels)
+    return Processor(settings.paths, engine, classifier, settings.max_pixels, settings.alerts.channels,
+                     settings.reports.timezone)
 
 
-def _archive_target(paths: PathSettings, item: Claimed, sha256: str, received_at: datetime) -> Path:
-    day = received_at.strftime("%Y/%m/%d")
-    return paths.archive / day / f"{sha256[:12]}-{item.original_name}"
+def _blame(error: Exception) -> str:
+    """The reason one file is rejected for ``error``; a passing fault is raised instead."""
+    transient = as_transient(error)
+    if transient is not None:
+        raise transient from error
+    if isinstance(error, RejectedImage):
+        return str(error)
+    if isinstance(error, OSError):
+        return f"cannot read the file: {error.strerror or error}"
+    log.error("unexpected error on one file", exc_info=error)
+    return f"unexpected error ({type(error).__name__}: {error}); the file is kept for inspection"
+
+
+def _guarded(step):
+    """Run ``step``; a passing fault comes out as TransientFault."""
+    try:
+        return step()
+    except Exception as error:
+        transient = as_transient(error)
+        if transient is None:
+            raise
+        raise transient from error
+
+
+def _quarantine_name(item: Claimed) -> str:
+    return fitted_name(f"{item.token}-", item.original_name, PLACED_NAME_MAX)
 
 
 def _prediction_by(image: Image | None, model_sha256: str) -> Prediction | None:
@@ -247,11 +351,14 @@ def _sighting(image: Image, arrival: _Arrival) -> Sighting:
     return Sighting(
         image=image,
         claim=arrival.item.token,
-        original_name=arrival.item.original_name,
+        original_name=arrival.name,
+        original_name_bytes=name_bytes(arrival.item.original_name),
         received_at=arrival.received_at,
+        sidecar=arrival.sidecar,
     )
 
 
 def _describe(prediction: Prediction) -> str:
     flag = " FLAGGED" if prediction.flagged else ""
     return f"{prediction.top_label}, P(melanoma) {prediction.melanoma_score:.3f}{flag}"
+

@@ -1,4 +1,4 @@
-"""The optional ``<stem>.json`` beside an image: who and where, stored with the result."""
+"""The optional ``<stem>.json`` beside an image: who and where, stored with its arrival."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from dermwatch.errors import RejectedImage
-from dermwatch.pipeline.claim import SEPARATOR
 
 #: Keys a sidecar may hold; each value is a string. A misspelt key is an error, not a
 #: silent loss of the patient reference.
@@ -14,12 +13,18 @@ SIDECAR_KEYS = ("patient_reference", "lesion_reference", "body_site", "notes")
 MAX_SIDECAR_BYTES = 64 * 1024
 
 
-def read_sidecar(path: Path | None) -> dict[str, str] | None:
-    """Parse and check a sidecar; raise RejectedImage naming what is wrong with it."""
+def read_sidecar(path: Path | None, name: str) -> dict[str, str] | None:
+    """Parse and check the sidecar at ``path`` (shown as ``name``); raise RejectedImage naming the fault.
+
+    The size is checked before anything is read: a huge file is refused without loading it.
+    """
     if path is None:
         return None
-    name = path.name.partition(SEPARATOR)[2] or path.name
-    raw = path.read_bytes()
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_SIDECAR_BYTES + 1)
+    except OSError as error:
+        raise RejectedImage(f"cannot read sidecar {name}: {error.strerror}") from None
     if len(raw) > MAX_SIDECAR_BYTES:
         raise RejectedImage(f"sidecar {name} is over {MAX_SIDECAR_BYTES} bytes")
     try:

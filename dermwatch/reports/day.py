@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from dermwatch.labels import CLASS_NAMES, MALIGNANT
@@ -18,14 +18,28 @@ from dermwatch.store.models import Image, Prediction, Rejection, Sighting
 
 
 @dataclass(frozen=True)
+class ArrivalRow:
+    """One arrival of an image on the day, with its own sidecar: one photo sent for two
+    patients shows both."""
+
+    original_name: str
+    received_at: datetime  # local
+    sidecar: dict[str, str]
+
+    def references(self) -> str:
+        """Patient / lesion / body site, as one line."""
+        return " / ".join(filter(None, (self.sidecar.get(k) for k in ("patient_reference", "lesion_reference",
+                                                                     "body_site"))))
+
+
+@dataclass(frozen=True)
 class ImageRow:
-    """One image that arrived on the day, with its newest prediction."""
+    """One image that arrived on the day, with its newest prediction and every arrival."""
 
     sha256: str
     original_name: str
     received_at: datetime  # local time of its first arrival that day
-    arrivals: int
-    sidecar: dict[str, str]
+    arrivals: tuple[ArrivalRow, ...]  # oldest first
     archive_path: str
     probabilities: dict[str, float]
     top_label: str
@@ -76,20 +90,23 @@ def load_day(engine: Engine, day: date, zone: ZoneInfo) -> Day:
     start, end = utc_bounds(day, zone)
     result = Day(date=day, zone=zone)
     with Session(engine) as session:
-        arrivals = session.execute(
-            select(Sighting.image_id, func.min(Sighting.received_at), func.count())
-            .where(Sighting.received_at >= start, Sighting.received_at < end)
-            .group_by(Sighting.image_id)
+        sightings = session.scalars(
+            select(Sighting).where(Sighting.received_at >= start, Sighting.received_at < end)
+            .order_by(Sighting.received_at, Sighting.id)
         ).all()
-        first_seen = {image_id: (first, count) for image_id, first, count in arrivals}
-        images = session.scalars(select(Image).where(Image.id.in_(first_seen))).all() if first_seen else []
+        by_image: dict[int, list[ArrivalRow]] = defaultdict(list)
+        for sighting in sightings:
+            by_image[sighting.image_id].append(
+                ArrivalRow(sighting.original_name, sighting.received_at.astimezone(zone), sighting.sidecar or {})
+            )
+        images = session.scalars(select(Image).where(Image.id.in_(by_image))).all() if by_image else []
         newest: dict[int, Prediction] = {}
-        if first_seen:
+        if by_image:
             for prediction in session.scalars(
-                select(Prediction).where(Prediction.image_id.in_(first_seen)).order_by(Prediction.created_at)
+                select(Prediction).where(Prediction.image_id.in_(by_image)).order_by(Prediction.created_at)
             ):
                 newest[prediction.image_id] = prediction
-        rows = [_image_row(image, newest[image.id], *first_seen[image.id], zone) for image in images
+        rows = [_image_row(image, newest[image.id], tuple(by_image[image.id])) for image in images
                 if image.id in newest]
         result.rejected = [
             RejectedRow(r.original_name, r.reason, r.rejected_at.astimezone(zone))
@@ -106,13 +123,12 @@ def load_day(engine: Engine, day: date, zone: ZoneInfo) -> Day:
     return result
 
 
-def _image_row(image: Image, prediction: Prediction, first: datetime, count: int, zone: ZoneInfo) -> ImageRow:
+def _image_row(image: Image, prediction: Prediction, arrivals: tuple[ArrivalRow, ...]) -> ImageRow:
     return ImageRow(
         sha256=image.sha256,
-        original_name=image.original_name,
-        received_at=first.astimezone(zone),
-        arrivals=count,
-        sidecar=image.sidecar or {},
+        original_name=arrivals[0].original_name,
+        received_at=arrivals[0].received_at,
+        arrivals=arrivals,
         archive_path=image.archive_path,
         probabilities=prediction.probabilities(),
         top_label=prediction.top_label,

@@ -17,13 +17,14 @@ from dermwatch.config import Settings
 from dermwatch.labels import CLASS_NAMES, MALIGNANT, display_name
 from dermwatch.modelcard import ModelCard
 from dermwatch.pipeline.classifier import Classifier
+from dermwatch.pipeline.sidecar import SIDECAR_KEYS
 from dermwatch.reports.atomic import write_atomically
-from dermwatch.reports.day import Day, ImageRow, load_day
+from dermwatch.reports.day import ArrivalRow, Day, ImageRow, load_day
 from dermwatch.reports.pictures import LIST_THUMBNAIL_SIDE, Pictures
 
 CSV_FIELDS = [
     "status", "received_at", "original_name", "sha256", "patient_reference", "lesion_reference", "body_site",
-    "top_label", "melanoma_score", "flagged", *CLASS_NAMES, "model_version", "reason",
+    "notes", "top_label", "melanoma_score", "flagged", *CLASS_NAMES, "model_version", "reason",
 ]
 
 _environment = Environment(
@@ -94,8 +95,13 @@ def threshold_words(card: ModelCard | None) -> str:
     return words + "."
 
 
+#: A cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _flat_rows(day: Day) -> list[dict]:
-    rows = [_image_record(row) for row in day.images]
+    """One row per arrival (each with its own sidecar), then one per rejected file."""
+    rows = [_arrival_record(row, arrival) for row in day.images for arrival in row.arrivals]
     rows += [
         {field: "" for field in CSV_FIELDS}
         | {"status": "rejected", "received_at": r.rejected_at.isoformat(timespec="seconds"),
@@ -105,15 +111,13 @@ def _flat_rows(day: Day) -> list[dict]:
     return rows
 
 
-def _image_record(row: ImageRow) -> dict:
+def _arrival_record(row: ImageRow, arrival: ArrivalRow) -> dict:
     return {
         "status": "flagged" if row.flagged else "classified",
-        "received_at": row.received_at.isoformat(timespec="seconds"),
-        "original_name": row.original_name,
+        "received_at": arrival.received_at.isoformat(timespec="seconds"),
+        "original_name": arrival.original_name,
         "sha256": row.sha256,
-        "patient_reference": row.sidecar.get("patient_reference", ""),
-        "lesion_reference": row.sidecar.get("lesion_reference", ""),
-        "body_site": row.sidecar.get("body_site", ""),
+        **{key: arrival.sidecar.get(key, "") for key in SIDECAR_KEYS},
         "top_label": row.top_label,
         "melanoma_score": round(row.melanoma_score, 6),
         "flagged": row.flagged,
@@ -127,8 +131,15 @@ def _csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: neutralised(value) for key, value in row.items()} for row in rows)
     return buffer.getvalue()
+
+
+def neutralised(value):
+    """Text that a spreadsheet would run as a formula, made plain text by a leading apostrophe."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 class Reporter:

@@ -17,37 +17,63 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dermwatch.errors import DatabaseError
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: What each SQLAlchemy back-end needs installed, for the message when it is missing.
+_DRIVER_HINTS = {
+    "postgresql": "pip install 'dermwatch[postgres]' and write the URL as postgresql+psycopg://user@host/dbname",
+}
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; for a SQLite file, create its folder and turn on WAL."""
+def make_engine(url: str, busy_timeout_seconds: float = 30.0, *, create: bool = True) -> Engine:
+    """An engine for ``url``; for a SQLite file, create its folder and turn on WAL.
+
+    With ``create=False`` a SQLite file that does not exist is an error instead: commands
+    that only look (status, report) never set up an installation by accident.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return _checked_engine(url, pool_pre_ping=True)
     if parsed.database not in (None, "", ":memory:"):
-        folder = Path(parsed.database).parent
+        database = Path(parsed.database)
+        if not create and not database.exists():
+            raise DatabaseError(
+                f"no database at {database}: nothing has run with this configuration yet "
+                "(start the service with `dermwatch run`, or pass the service's --config)"
+            )
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            database.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise DatabaseError(f"[database] url: cannot create {folder} ({error.strerror})") from None
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            raise DatabaseError(f"[database] url: cannot create {database.parent} ({error.strerror})") from None
+    engine = _checked_engine(url, connect_args={"timeout": busy_timeout_seconds})
+    busy_ms = int(busy_timeout_seconds * 1000)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     return engine
+
+
+def _checked_engine(url: str, **options) -> Engine:
+    """create_engine, with a wrong dialect name or a missing driver said in one line."""
+    parsed = make_url(url)
+    try:
+        return create_engine(url, **options)
+    except NoSuchModuleError:
+        hint = " (PostgreSQL is postgresql+psycopg://…)" if parsed.drivername.startswith("postgres") else ""
+        raise DatabaseError(f"[database] url: SQLAlchemy has no database type {parsed.drivername!r}{hint}") from None
+    except ImportError as error:
+        fix = _DRIVER_HINTS.get(parsed.get_backend_name(), f"install the Python driver for {parsed.drivername}")
+        raise DatabaseError(f"[database] url needs a driver that is not installed ({error.name}): {fix}") from None
 
 
 @contextmanager
@@ -73,7 +99,8 @@ def current_revision(engine: Engine) -> str | None:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
     except SQLAlchemyError as error:
-        raise DatabaseError(f"cannot open the database: {error.__class__.__name__}: {error.orig or error}") from None
+        detail = getattr(error, "orig", None) or error
+        raise DatabaseError(f"cannot open the database: {error.__class__.__name__}: {detail}") from None
 
 
 def upgrade(engine: Engine) -> None:

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import builtins
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -50,8 +62,7 @@ class Image(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), unique=True)
-    original_name: Mapped[str] = mapped_column(Text)
-    sidecar: Mapped[dict | None] = mapped_column(JSON)
+    original_name: Mapped[str] = mapped_column(Text)  # of its first arrival, as display text
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     processed_at: Mapped[datetime] = mapped_column(UTCDateTime)
     bytes: Mapped[int] = mapped_column(Integer)
@@ -66,15 +77,21 @@ class Image(Base):
 
 
 class Sighting(Base):
-    """One arrival of a file; the same bytes dropped twice give two sightings."""
+    """One arrival of a file; the same bytes dropped twice give two sightings.
+
+    The sidecar belongs to the arrival, not to the image: the same photo sent for two
+    patients keeps both patients' references.
+    """
 
     __tablename__ = "sightings"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     claim: Mapped[str] = mapped_column(String(64), unique=True)  # the work/ token: one row per arrival
-    original_name: Mapped[str] = mapped_column(Text)
+    original_name: Mapped[str] = mapped_column(Text)  # display text: odd bytes escaped (pipeline/names.py)
+    original_name_bytes: Mapped[bytes | None] = mapped_column(LargeBinary)  # the exact name, when not UTF-8
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    sidecar: Mapped[dict | None] = mapped_column(JSON)
 
     image: Mapped[Image] = relationship(back_populates="sightings")
 
@@ -119,11 +136,13 @@ class Rejection(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     claim: Mapped[str] = mapped_column(String(64), unique=True)
     original_name: Mapped[str] = mapped_column(Text)
+    # builtins.bytes: inside this class "bytes" names the size column below.
+    original_name_bytes: Mapped[builtins.bytes | None] = mapped_column(LargeBinary)
     sha256: Mapped[str | None] = mapped_column(String(64))
     bytes: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text)
     rejected_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
-    quarantine_path: Mapped[str] = mapped_column(Text)
+    quarantine_path: Mapped[str] = mapped_column(Text)  # where the file is now (intake, if it could not be moved)
 
 
 class Alert(Base):

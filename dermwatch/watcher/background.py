@@ -1,7 +1,7 @@
 """Work the service does beside intake, each in its own thread: reports and alerts.
 
-Neither may hold up intake, and neither may die quietly: an error is logged and the
-next round tries again.
+Neither may hold up intake, and neither may die quietly: a failing round is reported to
+the service's health (STATUS=, `dermwatch status`, one log line) and retried with back-off.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from sqlalchemy import Engine
 
 from dermwatch.alerts import send_pending
 from dermwatch.config import Settings
+from dermwatch.errors import as_transient
 from dermwatch.pipeline.classifier import load_classifier
 from dermwatch.reports.day import days_with_data
 from dermwatch.reports.render import Reporter
 from dermwatch.store.models import utc_now
+from dermwatch.watcher.health import Backoff, Health
 from dermwatch.watcher.schedule import ReportSchedule, rendered_times
 
 log = logging.getLogger(__name__)
@@ -30,18 +32,28 @@ COMMIT_MARGIN = timedelta(seconds=5)
 
 
 class _Worker(threading.Thread):
-    def __init__(self, name: str, stop: threading.Event) -> None:
+    def __init__(self, name: str, stop: threading.Event, health: Health) -> None:
         super().__init__(name=name, daemon=True)
         self.stop = stop
+        self.health = health
+        self.backoff = Backoff(first=CHECK_SECONDS, ceiling=300.0)
 
     def run(self) -> None:
         self.prepare()
         while True:
+            wait = CHECK_SECONDS
             try:
                 self.round()
-            except Exception:  # noqa: BLE001 - logged with its traceback; the next round retries
-                log.exception("%s: round failed", self.name)
-            if self.stop.wait(CHECK_SECONDS):
+            except Exception as error:  # noqa: BLE001 - reported; the next round retries
+                if self.backoff.current == 0:
+                    log.debug("%s: round failed", self.name, exc_info=error)
+                wait = self.backoff.next()
+                fault = as_transient(error) or f"{type(error).__name__}: {error}"
+                self.health.failing(self.name, str(fault), wait)
+            else:
+                self.backoff.reset()
+                self.health.recovered(self.name)
+            if self.stop.wait(wait):
                 return
 
     def prepare(self) -> None:
@@ -54,8 +66,8 @@ class _Worker(threading.Thread):
 class ReportWorker(_Worker):
     """Writes reports on the schedule of watcher/schedule.py, with its own LiteRT interpreter."""
 
-    def __init__(self, settings: Settings, engine: Engine, stop: threading.Event) -> None:
-        super().__init__("reports", stop)
+    def __init__(self, settings: Settings, engine: Engine, stop: threading.Event, health: Health) -> None:
+        super().__init__("reports", stop, health)
         self.settings = settings
         self.engine = engine
         self.latest: dict[date, datetime] = {}
@@ -81,8 +93,8 @@ class ReportWorker(_Worker):
 
 
 class AlertWorker(_Worker):
-    def __init__(self, settings: Settings, engine: Engine, stop: threading.Event) -> None:
-        super().__init__("alerts", stop)
+    def __init__(self, settings: Settings, engine: Engine, stop: threading.Event, health: Health) -> None:
+        super().__init__("alerts", stop, health)
         self.settings = settings
         self.engine = engine
 

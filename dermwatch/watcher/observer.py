@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -19,8 +20,12 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from dermwatch.pipeline.claim import is_candidate, iter_candidates
+from dermwatch.pipeline.claim import is_taken, iter_candidates
+from dermwatch.pipeline.names import display_name
 from dermwatch.watcher.settle import SettleTracker
+
+log = logging.getLogger(__name__)
+_reported: set[str] = set()  # unlistable folders already logged
 
 
 class IntakeHandler(FileSystemEventHandler):
@@ -47,7 +52,7 @@ class IntakeHandler(FileSystemEventHandler):
     @staticmethod
     def _if_candidate(raw: str | bytes, action) -> None:
         path = Path(os.fsdecode(raw))
-        if is_candidate(path.name):
+        if is_taken(path.name):
             action(path)
 
 
@@ -61,9 +66,20 @@ def start_observer(intake: Path, tracker: SettleTracker, *, polling: bool, poll_
 
 
 def scan(intake: Path, tracker: SettleTracker) -> int:
-    """Report every candidate file under ``intake``; return how many there are."""
+    """Report every image and sidecar under ``intake``; return how many there are.
+
+    A subfolder the service may not list is logged (once per folder), not skipped in silence.
+    """
     found = 0
-    for path in iter_candidates(intake):
+    for path in iter_candidates(intake, sidecars=True, on_error=_unlistable):
         tracker.discovered(path)
         found += 1
     return found
+
+
+def _unlistable(error: OSError) -> None:
+    folder = display_name(str(error.filename))
+    if folder not in _reported:
+        _reported.add(folder)
+        log.error("cannot look into %s (%s): files in it are not taken until the service's user may "
+                  "list and write that folder", folder, error.strerror)

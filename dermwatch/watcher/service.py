@@ -1,8 +1,13 @@
 """`dermwatch run`: the long-running service loop.
 
-Start-up order: model, database schema, folders, then recovery of interrupted work, the
-observer and a first scan; only then READY=1. On SIGTERM or SIGINT the batch in hand is
-finished and committed, and the process exits 0.
+Start-up order: the installation's lock, model, database schema, folders, the observer and
+a first scan, then READY=1; arrivals an interrupted run left in state/work/ are finished
+first. On SIGTERM or SIGINT the batch in hand is finished and committed, and the process
+exits 0.
+
+Nothing that happens to one file, and no passing fault (full disk, locked or unreachable
+database), ends the loop: a file's fault is that file's fate, and a passing fault leaves the
+arrivals in hand in state/work/ and is retried with back-off, shown in STATUS= meanwhile.
 """
 
 from __future__ import annotations
@@ -11,12 +16,18 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 
 from dermwatch.config import Settings
-from dermwatch.pipeline.process import open_processor
+from dermwatch.errors import TransientFault, as_transient
+from dermwatch.pipeline.claim import Claimed, is_sidecar, reclaim
+from dermwatch.pipeline.late_sidecar import settle_sidecar
+from dermwatch.pipeline.process import Processor, open_processor
 from dermwatch.store.queries import counts
 from dermwatch.watcher.background import AlertWorker, ReportWorker
+from dermwatch.watcher.health import Backoff, Health
+from dermwatch.watcher.instance import InstanceLock
 from dermwatch.watcher.notify import Notifier
 from dermwatch.watcher.observer import scan, start_observer
 from dermwatch.watcher.settle import SettleTracker
@@ -25,67 +36,144 @@ log = logging.getLogger(__name__)
 
 #: Longest the loop sleeps between looks at the tracker.
 TICK_SECONDS = 0.2
+#: How soon a sidecar waiting for its image (or its grace period) is looked at again.
+SIDECAR_RECHECK_SECONDS = 1.0
 
 
 def run_service(settings: Settings) -> None:
     stop = threading.Event()
     _on_signals(stop)
+    lock = InstanceLock(settings)
     notifier = Notifier()
     processor = open_processor(settings)
-    engine = processor.engine
-    processor.recover()
+    health = Health()
+    intake = Intake(settings, processor, health)
 
-    tracker = SettleTracker(settings.watcher.settle_seconds)
-    observer = start_observer(settings.paths.intake, tracker, polling=settings.watcher.polling)
-    found = scan(settings.paths.intake, tracker)
+    observer = start_observer(settings.paths.intake, intake.tracker, polling=settings.watcher.polling)
+    found = scan(settings.paths.intake, intake.tracker)
     log.info("watching %s (%s); %d file(s) waiting", settings.paths.intake,
              "polling" if settings.watcher.polling else "inotify", found)
-    workers = [ReportWorker(settings, engine, stop)]
+    workers = [ReportWorker(settings, processor.engine, stop, health)]
     if settings.alerts.channels:
-        workers.append(AlertWorker(settings, engine, stop))
+        workers.append(AlertWorker(settings, processor.engine, stop, health))
     for worker in workers:
         worker.start()
     notifier.send(READY="1", STATUS=f"watching {settings.paths.intake}")
 
-    heartbeat = notifier.watchdog_interval() or 10.0
+    heartbeat = min(notifier.watchdog_interval() or 10.0, 10.0)
     next_scan = time.monotonic() + settings.watcher.rescan_seconds
     next_beat = 0.0
     try:
         while not stop.is_set():
             now = time.monotonic()
             if now >= next_scan:
-                scan(settings.paths.intake, tracker)
+                scan(settings.paths.intake, intake.tracker)
                 next_scan = now + settings.watcher.rescan_seconds
             if now >= next_beat:
                 for thread in (observer, *workers):
                     if not thread.is_alive():
                         raise RuntimeError(f"the {thread.name} thread died")
-                notifier.send(WATCHDOG="1", STATUS=_status_line(engine, tracker))
+                line = _status_line(processor, intake, health)
+                notifier.send(WATCHDOG="1", STATUS=line)
+                health.publish(settings.paths.state, line)
                 next_beat = now + heartbeat
-            ready = tracker.take_ready(settings.model.batch_size)
-            if ready:
-                claimed = [c for c in map(processor.claim, ready) if c is not None]
-                processor.process(claimed)
+            if intake.step():
                 continue
-            tracker.changed.wait(TICK_SECONDS)
-            tracker.changed.clear()
+            intake.tracker.changed.wait(TICK_SECONDS)
+            intake.tracker.changed.clear()
     finally:
         notifier.send(STOPPING="1", STATUS="stopping")
         stop.set()
         observer.stop()
         for thread in (observer, *workers):
             thread.join(timeout=30)
+        health.publish(settings.paths.state, "stopped")
+        health.close()
         notifier.close()
-        engine.dispose()
+        processor.engine.dispose()
+        lock.release()
     log.info("stopped")
 
 
-def _status_line(engine, tracker: SettleTracker) -> str:
-    totals = counts(engine)
-    return (
-        f"{totals['images']} images, {totals['flagged']} flagged, {totals['quarantined']} rejected, "
-        f"{tracker.pending()} waiting"
-    )
+class Intake:
+    """Takes settled files and sees each through the pipeline, waiting out passing faults."""
+
+    def __init__(self, settings: Settings, processor: Processor, health: Health) -> None:
+        self.settings = settings
+        self.processor = processor
+        self.health = health
+        watcher = settings.watcher
+        self.tracker = SettleTracker(watcher.settle_seconds, watcher.incomplete_seconds)
+        self.in_hand: list[Claimed] = reclaim(settings.paths.work)  # left by an interrupted run
+        if self.in_hand:
+            log.warning("finishing %d file(s) left in %s by an interrupted run", len(self.in_hand),
+                        settings.paths.work)
+        self.backoff = Backoff()
+        self.retry_at = 0.0
+
+    def step(self) -> bool:
+        """Do one piece of work; False when there was nothing to do (or a fault to wait out)."""
+        if time.monotonic() < self.retry_at:
+            return False
+        try:
+            if self.in_hand:
+                self.processor.resume(self.in_hand)
+                self.in_hand = []
+            else:
+                ready = self.tracker.take_ready(self.settings.model.batch_size)
+                if not ready:
+                    return False
+                self._take(ready)
+        except Exception as error:  # noqa: BLE001 - every fault is waited out; see _fault
+            self._fault(error)
+            return False
+        self.backoff.reset()
+        self.health.recovered("intake")
+        return True
+
+    def _take(self, ready: list[Path]) -> None:
+        images = [p for p in ready if not is_sidecar(p.name)]
+        for index, path in enumerate(images):
+            try:
+                claimed = self.processor.claim(path)
+            except BaseException:
+                for waiting in images[index:]:  # not taken: offered again after the fault
+                    self.tracker.defer(waiting, 0)
+                raise
+            if claimed is not None:
+                self.in_hand.append(claimed)
+        for path in (p for p in ready if is_sidecar(p.name)):
+            try:
+                done = settle_sidecar(self.processor, path, self.settings.watcher.sidecar_grace_seconds)
+            except BaseException:
+                self.tracker.defer(path, SIDECAR_RECHECK_SECONDS)
+                raise
+            if not done:
+                self.tracker.defer(path, SIDECAR_RECHECK_SECONDS)
+        if self.in_hand:
+            self.processor.resume(self.in_hand)
+            self.in_hand = []
+
+    def _fault(self, error: Exception) -> None:
+        fault = as_transient(error)
+        if fault is None:
+            log.error("unexpected error in intake; retrying", exc_info=error)
+            fault = TransientFault(f"unexpected error: {type(error).__name__}: {error}")
+        delay = self.backoff.next()
+        self.retry_at = time.monotonic() + delay
+        waiting = f" ({len(self.in_hand)} file(s) kept in state/work/)" if self.in_hand else ""
+        self.health.failing("intake", f"{fault}{waiting}", delay)
+
+
+def _status_line(processor: Processor, intake: Intake, health: Health) -> str:
+    trouble = health.summary()
+    try:
+        totals = counts(processor.engine)
+        line = (f"{totals['images']} images, {totals['flagged']} flagged, {totals['quarantined']} rejected, "
+                f"{intake.tracker.pending() + len(intake.in_hand)} waiting")
+    except Exception as error:  # noqa: BLE001 - the status line must not take the service down
+        line = f"database unavailable ({type(error).__name__})"
+    return f"{trouble} | {line}" if trouble else line
 
 
 def _on_signals(stop: threading.Event) -> None:

@@ -3,6 +3,10 @@
 A file is settled when no writer holds it open (inotify tells us opens and closes) and
 either it was closed after writing or moved in whole, or its size and mtime have not
 changed for ``settle_seconds``. Polling (network shares) only has the second rule.
+
+A JPEG or PNG that does not end the way such a file ends (a writer that reopens and
+appends per chunk, a copy that pauses) is left for up to ``incomplete_seconds`` of quiet
+before it is taken anyway, and then quarantined as truncated if it really is.
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ class _Candidate:
     stable_since: float = 0.0
     writers: int = 0
     complete: bool = False  # closed after writing, or renamed into place
+    not_before: float = 0.0  # deferred: not offered again before this (monotonic) time
 
 
 class SettleTracker:
     """Thread-safe: observer threads report events, the service thread asks what is ready."""
 
-    def __init__(self, settle_seconds: float) -> None:
+    def __init__(self, settle_seconds: float, incomplete_seconds: float = 30.0) -> None:
         self.settle_seconds = settle_seconds
+        self.incomplete_seconds = incomplete_seconds
         self._candidates: dict[Path, _Candidate] = {}
         self._lock = threading.Lock()
         self.changed = threading.Event()  # set on every event, so the service wakes promptly
@@ -68,6 +74,13 @@ class SettleTracker:
             candidate.complete = True
         self.changed.set()
 
+    def defer(self, path: Path, seconds: float) -> None:
+        """Offer ``path`` again, no sooner than ``seconds`` from now (a sidecar waiting for its grace)."""
+        with self._lock:
+            candidate = self._candidates.setdefault(path, _Candidate(complete=True))
+            candidate.not_before = time.monotonic() + seconds
+        self.changed.set()
+
     def forget(self, path: Path) -> None:
         with self._lock:
             self._candidates.pop(path, None)
@@ -88,8 +101,12 @@ class SettleTracker:
                     continue
                 if state != candidate.signature:
                     candidate.signature, candidate.stable_since = state, now
-                quiet = now - candidate.stable_since >= self.settle_seconds
-                if candidate.writers == 0 and (candidate.complete or quiet):
+                if now < candidate.not_before or candidate.writers:
+                    continue
+                quiet_for = now - candidate.stable_since
+                if (candidate.complete or quiet_for >= self.settle_seconds) and (
+                    quiet_for >= self.incomplete_seconds or looks_whole(path)
+                ):
                     del self._candidates[path]
                     ready.append(path)
                     if len(ready) == limit:
@@ -98,8 +115,39 @@ class SettleTracker:
 
 
 def _state(path: Path) -> tuple[int, int] | None:
+    """(size, mtime); None when gone. A file the service may not even stat is still offered:
+    taking it then fails, and that failure is recorded for the file."""
     try:
         stat = os.lstat(path)
     except FileNotFoundError:
         return None
+    except OSError:
+        return (-1, -1)
     return stat.st_size, stat.st_mtime_ns
+
+
+_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
+_PNG_START, _PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+
+
+def looks_whole(path: Path) -> bool:
+    """False for a JPEG or PNG whose last bytes are not its format's end marker: still being written.
+
+    Cheap (a few bytes at each end). Anything else, or a file that cannot be read, is left
+    to the decoder to judge.
+    """
+    try:
+        with path.open("rb") as handle:
+            start = handle.read(8)
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() < 16:
+                return True
+            handle.seek(-8, os.SEEK_END)
+            end = handle.read(8)
+    except OSError:
+        return True
+    if start.startswith(_JPEG_START):
+        return end.endswith(_JPEG_END)
+    if start == _PNG_START:
+        return end == _PNG_END
+    return True
