@@ -322,3 +322,31 @@ def test_class_and_source_balance_trains_and_validation_is_scored_per_root(
     # One root: no per-root sets.
     assert {name for name, _, _ in evaluation_sets([r for r in rows if r.root == "isic9"])} == {
         "validation", "test_published", "test_leak_free"}
+
+
+def test_a_root_with_a_handful_of_a_class_is_weighed_with_its_largest_root() -> None:
+    from dermwatch.training.data import class_and_source_weights
+
+    # HAM10000 brings 1 actinic keratosis beside isic9's 114: alone it would carry half the class.
+    labels = np.array([0] * 114 + [0] + [4] * 50 + [4] * 40)
+    roots = ["isic9"] * 114 + ["ham10000"] + ["isic9"] * 50 + ["ham10000"] * 40
+    weights = class_and_source_weights(labels, roots)
+    assert weights[114] == pytest.approx(weights[0])  # the lone image weighs like its isic9 classmates
+    assert weights.max() < 2.0
+    nevi = weights[115:]
+    assert nevi[:50].sum() == pytest.approx(nevi[50:].sum())  # 40 of 50 is a root of its own
+
+
+def test_an_external_root_is_scored_as_its_own_set_with_the_nevus_flag_rate(flag_everything_model: Path,
+                                                                             tmp_path: Path) -> None:
+    from dermwatch.training.evaluate import evaluate_model
+
+    clinic = tmp_path / "clinic"
+    for n in range(6):
+        label = ("melanoma", "nevus", "dermatofibroma")[n % 3]
+        write_jpeg(clinic / label / f"case{n}.jpg", seed=900 + n)
+    results = evaluate_model(flag_everything_model, [], threads=1, external_roots=(clinic,))
+    external = results["sets"]["external:clinic"]
+    assert external["images"] == 6 and external["melanoma_images"] == 2
+    assert external["per_class"]["nevus"]["support"] == 2
+    assert external["nevus_flag_rate"] == 1.0 and external["melanoma_specificity"] == 0.0

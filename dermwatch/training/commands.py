@@ -115,8 +115,11 @@ def export_command(run_dir: Path, version: str | None, tta: bool, ship: bool) ->
               help="Write the results as JSON here (default: print only).")
 @click.option("--html", type=click.Path(dir_okay=False, path_type=Path),
               help="Write an HTML model card with these results here.")
+@click.option("--external", "external_roots", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Another clinic's images (one folder per class), never trained on: scored as external:NAME.")
 def evaluate_command(model: Path, data_roots: tuple[Path, ...], ground_truth: Path | None, out: Path | None,
-                     html: Path | None) -> None:
+                     html: Path | None, external_roots: tuple[Path, ...]) -> None:
     """Score a TFLite MODEL on validation, Test as published and leak-free Test."""
     import json
 
@@ -134,7 +137,7 @@ def evaluate_command(model: Path, data_roots: tuple[Path, ...], ground_truth: Pa
             "these data do not give the training/validation split this model was trained on "
             "(fingerprint differs): pass the same --data roots and --ground-truth as for training"
         )
-    results = evaluate_model(model, result.rows)
+    results = evaluate_model(model, result.rows, external_roots=external_roots)
     for name, metrics in results["sets"].items():
         click.echo(f"{name:>21}: {_metrics_line(metrics)}")
     if out:
@@ -148,4 +151,5 @@ def _metrics_line(m: dict) -> str:
             f"melanoma AUC {m['melanoma_roc_auc']:.3f} (vs nevus {m['melanoma_vs_nevus_auc']:.3f}), "
             f"sensitivity {m['melanoma_sensitivity']:.3f} "
             f"specificity {m['melanoma_specificity']:.3f} (of {m['melanoma_images']} melanomas), "
+            f"nevi flagged {m['nevus_flag_rate']:.3f}, "
             f"ECE {m['expected_calibration_error']:.3f}")

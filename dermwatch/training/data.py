@@ -30,15 +30,32 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {i: float(w) for i, w in enumerate(weights)}
 
 
+#: A root that gives a class fewer images than this share of the class's largest root is
+#: weighed as part of that largest root: HAM10000's single actinic keratosis would otherwise
+#: carry a third of its class on its own (a per-image weight of about 345), and training diverged.
+MIN_ROOT_SHARE = 0.05
+
+
 def class_and_source_weights(labels: np.ndarray, sources: list[str]) -> np.ndarray:
     """Per-image weights: every class weighs the same, and within a class every data root does.
 
     When one root supplies most of a class (the supplement's nevi) and another most of a
     rival class (isic9's melanomas), plain class weights let the network tell the classes
     apart by where an image came from. Balancing each (class, root) cell removes that cue
-    from the loss. With a single root these are exactly the class weights.
+    from the loss. With a single root these are exactly the class weights. A root with only
+    a handful of a class's images (under MIN_ROOT_SHARE of its largest root) is weighed with
+    that largest root: a few images cannot stand for a camera.
     """
     pairs = list(zip(labels.tolist(), sources, strict=True))
+    raw_cells = Counter(pairs)
+    largest: dict[int, tuple[int, str]] = {}
+    for (label, source), count in sorted(raw_cells.items()):
+        if count > largest.get(label, (0, ""))[0]:
+            largest[label] = (count, source)
+    pairs = [
+        (label, largest[label][1] if raw_cells[label, source] < MIN_ROOT_SHARE * largest[label][0] else source)
+        for label, source in pairs
+    ]
     cells = Counter(pairs)
     roots_per_class = Counter(label for label, _ in cells)
     per_cell = {

@@ -3,7 +3,8 @@
 Three sets side by side: validation (the lesion-grouped split of training data), Test as
 published (all of it, published labels), and the leak-free part of Test (no twin and no
 other photo of the same lesion in the training folders; labels resolved by ground truth).
-Only the last one measures generalisation.
+Only the last one measures generalisation. External roots (another clinic's images, one
+folder per class, never trained on) are scored as ``external:<name>``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dermwatch.pipeline.classifier import Classifier
 from dermwatch.training.audit import ManifestRow
 from dermwatch.training.data import load_arrays
 from dermwatch.training.metrics import MELANOMA_INDEX, roc_curve, summarize
+from dermwatch.training.scan import scan_roots
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,28 @@ def predict_rows(
     return probabilities, y
 
 
-def evaluate_model(model_path: Path, rows: list[ManifestRow], threads: int = 2) -> dict:
-    """Every card metric for each set, at the threshold the card ships with."""
+def predict_external(classifier: Classifier, root: Path, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and folder labels for every image of an external class-folder root."""
+    files = scan_roots([root])
+    rows = [ManifestRow(path=str(f.path), root=f.root, origin=f.origin, image_id=f.image_id, sha256=f.sha256,
+                        phash="", folder_label=f.folder_label, resolved_label=f.folder_label,
+                        label_source="folder", lesion_group="", split="external", dropped="", note="")
+            for f in files]
+    return predict_rows(classifier, rows, "folder", batch)
+
+
+def evaluate_model(model_path: Path, rows: list[ManifestRow], threads: int = 2,
+                   external_roots: tuple[Path, ...] = ()) -> dict:
+    """Every card metric for each set (and each external root), at the threshold the card ships with."""
     card = load_card(model_path)
     classifier = Classifier(model_path, card, threads)
     results: dict = {"model": card.display, "melanoma_threshold": card.melanoma_threshold, "sets": {}}
-    for name, chosen, labels in evaluation_sets(rows):
-        probabilities, y = predict_rows(classifier, chosen, labels)
+    scored = [(name, lambda chosen=chosen, labels=labels: predict_rows(classifier, chosen, labels))
+              for name, chosen, labels in evaluation_sets(rows)]
+    scored += [(f"external:{root.name}", lambda root=root: predict_external(classifier, root))
+               for root in external_roots]
+    for name, predict in scored:
+        probabilities, y = predict()
         results["sets"][name] = summarize(probabilities, y, card.melanoma_threshold)
         results["sets"][name]["roc_points"] = _roc_points(probabilities, y)
         log.info("%s: %d images, accuracy %.3f, balanced %.3f, melanoma AUC %.3f", name, len(y),

@@ -100,11 +100,10 @@ def summarize(probabilities: np.ndarray, y_true: np.ndarray, threshold: float) -
         per_class[name] = {
             "precision": float(precision), "recall": float(recall), "f1": float(f1), "support": int(actual)
         }
-    is_melanoma = y_true == MELANOMA_INDEX
-    melanocytic = is_melanoma | (y_true == NEVUS_INDEX)
-    sensitivity, specificity = sensitivity_specificity(
-        is_melanoma, probabilities[:, MELANOMA_INDEX] >= threshold
-    )
+    is_melanoma, is_nevus = y_true == MELANOMA_INDEX, y_true == NEVUS_INDEX
+    melanocytic = is_melanoma | is_nevus
+    flagged = probabilities[:, MELANOMA_INDEX] >= threshold
+    sensitivity, specificity = sensitivity_specificity(is_melanoma, flagged)
     return {
         "images": int(len(y_true)),
         "accuracy": float((y_pred == y_true).mean()),
@@ -116,6 +115,8 @@ def summarize(probabilities: np.ndarray, y_true: np.ndarray, threshold: float) -
         "melanoma_images": int(is_melanoma.sum()),
         "melanoma_sensitivity": sensitivity,
         "melanoma_specificity": specificity,
+        # Benign moles the alert fires on: what a clinic feels first when a threshold does not travel.
+        "nevus_flag_rate": float(flagged[is_nevus].mean()) if is_nevus.any() else float("nan"),
         "expected_calibration_error": expected_calibration_error(probabilities, y_true),
         "per_class": per_class,
         "confusion_matrix": matrix.tolist(),
