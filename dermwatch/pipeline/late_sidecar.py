@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from dermwatch.errors import RejectedImage
-from dermwatch.pipeline.claim import is_sidecar, is_taken, new_token, place
+from dermwatch.pipeline.claim import PLACED_NAME_MAX, is_sidecar, is_taken, new_token, place
 from dermwatch.pipeline.names import display_name, fitted_name, name_bytes
 from dermwatch.pipeline.process import Processor
 from dermwatch.pipeline.sidecar import read_sidecar
@@ -65,7 +65,7 @@ def settle_sidecar(processor: Processor, path: Path, grace_seconds: float) -> bo
 
 def _reject(processor: Processor, path: Path, reason: str) -> None:
     token = new_token()
-    name = fitted_name(f"{token}-", path.name)
+    name = fitted_name(f"{token}-", path.name, PLACED_NAME_MAX)
     with session_scope(processor.sessions) as session:
         session.add(Rejection(claim=token, original_name=display_name(path.name),
                               original_name_bytes=name_bytes(path.name), sha256=None, bytes=path.lstat().st_size,

@@ -1,6 +1,6 @@
 """`dermwatch run`: the long-running service loop.
 
-Start-up order: the installation's lock, model, database schema, folders, the observer and
+Start-up order: the installation's lock, database schema, model, folders, the observer and
 a first scan, then READY=1; arrivals an interrupted run left in state/work/ are finished
 first. On SIGTERM or SIGINT the batch in hand is finished and committed, and the process
 exits 0.
