@@ -168,8 +168,13 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     assert len(record["history"]) == 2 and record["best_epoch"] in (1, 2)
     assert (run_dir / "manifest.csv").is_file() and (run_dir / "audit.txt").is_file()
 
-    exported = runner.invoke(cli, ["export", str(run_dir), "--version", "t1"], catch_exceptions=False)
+    clinic = tmp_path / "clinic"  # another clinic's labelled images, never trained on
+    for n in range(4):
+        write_jpeg(clinic / ("melanoma", "nevus")[n % 2] / f"case{n}.jpg", seed=950 + n)
+    exported = runner.invoke(cli, ["export", str(run_dir), "--version", "t1", "--external", str(clinic)],
+                             catch_exceptions=False)
     assert exported.exit_code == 0, exported.output
+    assert "external:clinic: 4 images" in exported.output
     from dermwatch.pipeline.classifier import load_classifier
 
     for quantization in ("float32", "int8"):
@@ -177,7 +182,8 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
         classifier = load_classifier(path, threads=1)
         card = classifier.card.document
         assert card["quantization"] == quantization and card["version"] == f"t1-{quantization}"
-        assert set(card["evaluation"]["sets"]) == {"validation", "test_published", "test_leak_free"}
+        assert set(card["evaluation"]["sets"]) == {"validation", "test_published", "test_leak_free",
+                                                   "external:clinic"}
         sets = card["evaluation"]["sets"]
         assert sets["test_leak_free"]["images"] < sets["test_published"]["images"]
         probabilities = classifier.predict(np.zeros((3, 32, 32, 3), dtype=np.uint8))

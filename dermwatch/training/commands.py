@@ -86,13 +86,18 @@ def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_d
                    "temperature and threshold are refitted on validation for it.")
 @click.option("--ship", is_flag=True,
               help="Copy the chosen model into the package (dermwatch/models/) as the service's default.")
-def export_command(run_dir: Path, version: str | None, tta: bool, ship: bool) -> None:
+@click.option("--external", "external_roots", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Another clinic's images (one folder per class), never trained on: scored into the card "
+                   "as external:NAME; no threshold or choice is made on them.")
+def export_command(run_dir: Path, version: str | None, tta: bool, ship: bool,
+                   external_roots: tuple[Path, ...]) -> None:
     """Convert a training run to float32 and int8 TFLite, check and score both."""
     from dermwatch.modelcard import load_card, shipped_model_path
     from dermwatch.training.export import choose_shipped, export_run
     from dermwatch.training.export import ship as ship_model
 
-    paths = export_run(run_dir, version, tta=tta)
+    paths = export_run(run_dir, version, tta=tta, external_roots=external_roots)
     for path in paths:
         card = load_card(path).document
         check, sets = card["export_check"], card["evaluation"]["sets"]

@@ -103,13 +103,15 @@ def read_manifest(path: Path) -> list[ManifestRow]:
         return [ManifestRow(**row) for row in csv.DictReader(handle)]
 
 
-def export_run(run_dir: Path, version: str | None = None, tta: bool = False) -> list[Path]:
+def export_run(run_dir: Path, version: str | None = None, tta: bool = False,
+               external_roots: tuple[Path, ...] = ()) -> list[Path]:
     """Export a training run's best model as float32 and int8 TFLite with checked cards.
 
     Each is then scored through LiteRT on validation and Test (see evaluate.py); the
     scores go into its card, next to an HTML rendering of the card. The melanoma threshold
     is chosen on validation for each file, from the probabilities LiteRT computes with it;
-    with ``tta`` the temperature is fitted again too, for the averaged logits.
+    with ``tta`` the temperature is fitted again too, for the averaged logits. External
+    roots (another clinic, never trained on) are scored too; nothing is chosen on them.
     """
     record = json.loads((run_dir / "training.json").read_text())
     options = record["options"]
@@ -154,7 +156,7 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False) -> 
         check = agreement(val_probabilities, reference)
         document["export_check"] = check
         write_card(path, document)
-        document["evaluation"] = evaluate_model(path, rows)
+        document["evaluation"] = evaluate_model(path, rows, external_roots=external_roots)
         write_card_and_html(path, document)
         log.info("%s: %d bytes; top-1 agreement with Keras %.4f, largest probability difference %.4f",
                  path.name, path.stat().st_size, check["top1_agreement"], check["max_probability_difference"])
