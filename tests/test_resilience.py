@@ -246,7 +246,10 @@ def test_a_writer_that_reopens_and_appends_gives_one_image(config_file: Path, st
     assert totals(settings)["quarantined"] == 0 and left_over(settings) == []
 
 
-def test_report_files_and_the_archive_follow_the_umask(start_service, settings: Settings) -> None:
+def test_report_files_and_the_archive_follow_the_umask(config_file: Path, start_service) -> None:
+    # Today's report is refreshed at most every refresh_minutes: a short one, so it shows both files.
+    config_file.write_text(config_file.read_text() + "[reports]\nrefresh_minutes = 0.02\n")
+    settings = load_settings(config_file)
     service = start_service(umask=0o027)
     image = drop(settings.paths.intake, "mole.jpg", seed=60, sidecar={"patient_reference": "P-9"})
     assert image.name == "mole.jpg"
