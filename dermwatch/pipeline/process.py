@@ -94,12 +94,16 @@ class Processor:
             self._record_unmovable(path, str(error))
             return None
 
-    def recover(self) -> list[Outcome]:
-        """Finish every arrival an interrupted run left in state/work/."""
+    def leftovers(self) -> list[Claimed]:
+        """Arrivals an interrupted run left in state/work/, to be resumed."""
         left = reclaim(self.paths.work)
         if left:
             log.warning("finishing %d file(s) left in %s by an interrupted run", len(left), self.paths.work)
-        return self.resume(left)
+        return left
+
+    def recover(self) -> list[Outcome]:
+        """Finish every arrival an interrupted run left in state/work/."""
+        return self.resume(self.leftovers())
 
     def resume(self, items: list[Claimed]) -> list[Outcome]:
         """Finish claimed arrivals whatever state they are in: recorded ones are only moved on."""

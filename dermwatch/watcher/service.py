@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 
 from dermwatch.config import Settings
 from dermwatch.errors import TransientFault, as_transient
-from dermwatch.pipeline.claim import Claimed, is_sidecar, reclaim
+from dermwatch.pipeline.claim import Claimed, is_sidecar
 from dermwatch.pipeline.late_sidecar import settle_sidecar
 from dermwatch.pipeline.process import Processor, open_processor
 from dermwatch.store.db import make_engine
@@ -112,10 +112,7 @@ class Intake:
         self.health = health
         watcher = settings.watcher
         self.tracker = SettleTracker(watcher.settle_seconds, watcher.incomplete_seconds)
-        self.in_hand: list[Claimed] = reclaim(settings.paths.work)  # left by an interrupted run
-        if self.in_hand:
-            log.warning("finishing %d file(s) left in %s by an interrupted run", len(self.in_hand),
-                        settings.paths.work)
+        self.in_hand: list[Claimed] = processor.leftovers()
         self.backoff = Backoff()
         self.retry_at = 0.0
 
