@@ -11,11 +11,13 @@ from pathlib import Path
 
 import click
 
+from dermwatch.cli_options import config_option
 from dermwatch.config import Settings, load_settings
-from dermwatch.errors import DermwatchError, ModelError, RejectedImage
+from dermwatch.errors import DatabaseError, DermwatchError, ModelError
 from dermwatch.labels import CLASS_NAMES, MELANOMA
 from dermwatch.logs import setup_logging
 from dermwatch.pipeline.claim import iter_candidates
+from dermwatch.site_commands import SITE_COMMANDS
 
 # Training commands need TensorFlow-side packages, so they are imported only when asked for.
 _TRAINING_COMMANDS = {
@@ -54,12 +56,6 @@ def _training_command(name: str) -> click.Command:
         return click.Command(name, callback=missing_extras, help=message,
                              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     return getattr(commands, _TRAINING_COMMANDS[name])
-
-
-config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-    envvar="DERMWATCH_CONFIG", help="config.toml to read (default: $DERMWATCH_CONFIG, then ./config.toml).",
-)
 
 
 @click.group(cls=DermwatchGroup)
@@ -128,26 +124,41 @@ def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
 @click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True)
 def classify(config_path: Path | None, paths: tuple[Path, ...], output_format: str) -> None:
-    """Classify images and print the result; stores and moves nothing."""
+    """Classify images and print the result; stores and moves nothing.
+
+    `flagged` uses the alert threshold in force: the site's calibration once there is one.
+    """
     from dermwatch.pipeline.classifier import load_classifier
-    from dermwatch.pipeline.decode import read_model_input
+    from dermwatch.pipeline.scoring import score_files
 
     settings = load_settings(config_path)
     classifier = load_classifier(settings.model.path, settings.model.threads)
-    threshold = classifier.card.melanoma_threshold
+    threshold = _threshold_in_force(settings, classifier.card)
+    click.echo(f"alert threshold {threshold.value:.4f}: {threshold.source}", err=True)
     results, failures = [], 0
-    for path in _collect(paths):
-        try:
-            _, pixels = read_model_input(path, classifier.input_size, max_pixels=settings.max_pixels)
-        except RejectedImage as rejection:
-            click.echo(f"error: {path}: {rejection}", err=True)
+    for scored in score_files(classifier, _collect(paths), max_pixels=settings.max_pixels,
+                              batch_size=settings.model.batch_size):
+        if scored.probabilities is None:
+            click.echo(f"error: {scored.path}: {scored.reason}", err=True)
             failures += 1
-            continue
-        probabilities = classifier.predict(pixels[None])[0]
-        results.append((path, probabilities))
-    _print_classifications(results, threshold, output_format)
+        else:
+            results.append((scored.path, scored.probabilities))
+    _print_classifications(results, threshold.value, output_format)
     if failures:
         sys.exit(1)
+
+
+def _threshold_in_force(settings: Settings, card):
+    """The site's threshold from the database; the card's when nothing has run here yet."""
+    from dermwatch.store.db import ensure_schema, make_engine
+    from dermwatch.threshold import threshold_for, unvalidated
+
+    try:
+        engine = make_engine(settings.database_url, settings.busy_timeout_seconds, create=False)
+    except DatabaseError:
+        return unvalidated(card)
+    ensure_schema(engine)
+    return threshold_for(engine, card)
 
 
 def _print_classifications(results, threshold: float, output_format: str) -> None:
@@ -207,30 +218,68 @@ def report(config_path: Path | None, day, open_after: bool) -> None:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def status(config_path: Path | None, as_json: bool) -> None:
-    """Whether the service runs and what it is waiting out; counts, model and schema revision."""
+    """Whether the service runs and what it is waiting out; counts, alerts, threshold, model, schema.
+
+    Exits 1 when the model or the database cannot be used as they are.
+    """
     from dermwatch.modelcard import load_card, shipped_model_path
     from dermwatch.store.db import current_revision, head_revision, make_engine
-    from dermwatch.store.queries import counts
+    from dermwatch.store.queries import alert_counts, counts
     from dermwatch.watcher.instance import holder
 
     settings = load_settings(config_path)
     engine = make_engine(settings.database_url, create=False)
     revision = current_revision(engine)
+    current = revision == head_revision()
     report: dict = {"config": str(settings.source) if settings.source else None}
     report |= _service_state(settings, holder(settings))
     report |= counts(engine) if revision else dict.fromkeys(
         ("images", "sightings", "predictions", "flagged", "quarantined"), 0)
     report["pending"] = _pending(settings)
+    report |= alert_counts(engine) if current else {"alerts_queued": None, "alerts_failing": None}
+    report["last_report"] = _last_report(settings)
     try:
-        report["model"] = load_card(settings.model.path or shipped_model_path()).display
+        card = load_card(settings.model.path or shipped_model_path())
+        report["model"] = card.display
     except ModelError as error:
-        report["model"], report["model_error"] = None, str(error)
+        card, report["model"], report["model_error"] = None, None, str(error)
+    unknown = "unknown: " + ("no usable model" if card is None else "database schema not current")
+    report |= _alert_state(settings, engine, card) if card and current else {"threshold": None,
+                                                                             "threshold_source": unknown}
     report["db_revision"], report["db_head"] = revision, head_revision()
     if as_json:
         click.echo(json.dumps(report, indent=2))
-        return
-    for key, value in report.items():
-        click.echo(f"{key:>12}: {value}")
+    else:
+        for key, value in report.items():
+            click.echo(f"{key:>16}: {value}")
+    if card is None or (revision is not None and not current):
+        sys.exit(1)
+
+
+def _alert_state(settings: Settings, engine, card) -> dict:
+    """The threshold in force, and today's flag rate against what its calibration implies."""
+    from datetime import datetime
+
+    from dermwatch.drift import alert_rate, drift_warning
+    from dermwatch.reports.day import load_day
+    from dermwatch.threshold import threshold_for
+
+    threshold = threshold_for(engine, card)
+    today = load_day(engine, datetime.now(settings.reports.timezone).date(), settings.reports.timezone)
+    rate = alert_rate(len(today.images), len(today.flagged), threshold.expected_flag_rate)
+    return {"threshold": threshold.value, "threshold_source": threshold.source, "alert_rate_today": rate,
+            "drift_warning": drift_warning(rate)}
+
+
+def _last_report(settings: Settings) -> str | None:
+    """When a day's report was last written (local time), from the files themselves."""
+    from datetime import datetime
+
+    written = [p.stat().st_mtime for p in settings.paths.reports.glob("[0-9][0-9][0-9][0-9]-*.html")] \
+        if settings.paths.reports.is_dir() else []
+    if not written:
+        return None
+    return datetime.fromtimestamp(max(written), settings.reports.timezone).isoformat(timespec="seconds")
 
 
 def _service_state(settings: Settings, pid: int | None) -> dict:
@@ -299,6 +348,10 @@ def _collect(paths: tuple[Path, ...]) -> list[Path]:
         else:
             files.append(path)
     return files
+
+
+for _command in SITE_COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

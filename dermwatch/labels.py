@@ -29,3 +29,14 @@ MALIGNANT: Final[frozenset[str]] = frozenset(
 def display_name(label: str) -> str:
     """Human-readable form of a class name ("basal cell carcinoma" -> "Basal cell carcinoma")."""
     return label[:1].upper() + label[1:]
+
+
+def parse_diagnosis(text: str) -> str:
+    """A class name from a folder name or a CSV cell: case, underscores and spaces forgiven.
+
+    Raises ValueError naming the accepted names, so that a typo is never read as "no label".
+    """
+    name = " ".join(text.replace("_", " ").split()).lower()
+    if name not in CLASS_NAMES:
+        raise ValueError(f"{text!r} is not one of the nine diagnoses ({', '.join(CLASS_NAMES)})")
+    return name

@@ -93,9 +93,11 @@ def test_status_without_a_model_says_what_is_missing(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('[model]\npath = "none.tflite"\n')
     assert invoke("db", "upgrade", "--config", str(config)).exit_code == 0
-    status = json.loads(invoke("status", "--config", str(config), "--json").stdout)
+    result = invoke("status", "--config", str(config), "--json")
+    assert result.exit_code == 1  # a service without its model classifies nothing
+    status = json.loads(result.stdout)
     assert status["model"] is None and "does not exist" in status["model_error"]
-    assert status["service"] == "not running"
+    assert status["service"] == "not running" and status["threshold"] is None
 
 
 @pytest.mark.parametrize("command_line", [["status"], ["status", "--json"], ["report"], ["db", "check"]])

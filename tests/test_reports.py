@@ -110,12 +110,13 @@ def test_a_day_renders_every_section_in_order(day_of_images) -> None:
 def test_the_header_counts_the_held_out_melanomas_the_threshold_caught() -> None:
     from dermwatch.modelcard import shipped_model_path
     from dermwatch.reports.render import threshold_words
+    from dermwatch.threshold import unvalidated
 
     card = load_card(shipped_model_path())
     held_out = card.document["evaluation"]["sets"]["test_leak_free"]
     total = held_out["melanoma_images"]
     caught = round(held_out["melanoma_sensitivity"] * total)
-    words = threshold_words(card)
+    words = threshold_words(card, unvalidated(card))
     assert f"P(melanoma) ≥ {card.melanoma_threshold:.3f} are flagged" in words
     assert f"it caught {caught} of {total} melanomas" in words and "%" not in words.split("(on held-out")[1]
 

@@ -45,6 +45,7 @@ from dermwatch.pipeline.names import display_name, fitted_name, name_bytes
 from dermwatch.pipeline.sidecar import read_sidecar
 from dermwatch.store.db import ensure_schema, make_engine, session_scope
 from dermwatch.store.models import Alert, Image, Prediction, Rejection, Sighting, probability_column, utc_now
+from dermwatch.threshold import threshold_in_force
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,8 @@ class Processor:
                     archive_path=str(archive_path),
                 )
                 session.add(image)
+            # Asked in the same transaction: a site calibration takes effect with the next image.
+            threshold = threshold_in_force(session, card).value
             prediction = Prediction(
                 image=image,
                 model_version=card.version,
@@ -230,8 +233,8 @@ class Processor:
                 created_at=utc_now(),
                 top_label=CLASS_NAMES[int(np.argmax(probabilities))],
                 melanoma_score=melanoma_score,
-                threshold=card.melanoma_threshold,
-                flagged=melanoma_score >= card.melanoma_threshold,
+                threshold=threshold,
+                flagged=melanoma_score >= threshold,
                 **{probability_column(label): float(p) for label, p in zip(CLASS_NAMES, probabilities, strict=True)},
             )
             session.add_all([prediction, _sighting(image, arrival)])

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from dermwatch.labels import CLASS_NAMES, MALIGNANT
-from dermwatch.store.models import Image, Prediction, Rejection, Sighting
+from dermwatch.store.models import Image, Prediction, Rejection, Review, Sighting
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class ImageRow:
     flagged: bool
     model_version: str
     model_sha256: str
+    reviewed_by: str | None = None  # a dermatologist marked it looked at (`dermwatch review`)
+    reviewed_at: datetime | None = None  # local
 
     def top(self, n: int = 3) -> list[tuple[str, float]]:
         return sorted(self.probabilities.items(), key=lambda item: -item[1])[:n]
@@ -106,8 +108,10 @@ def load_day(engine: Engine, day: date, zone: ZoneInfo) -> Day:
                 select(Prediction).where(Prediction.image_id.in_(by_image)).order_by(Prediction.created_at)
             ):
                 newest[prediction.image_id] = prediction
-        rows = [_image_row(image, newest[image.id], tuple(by_image[image.id])) for image in images
-                if image.id in newest]
+        reviews = {r.image_id: r for r in session.scalars(select(Review).where(Review.image_id.in_(by_image)))} \
+            if by_image else {}
+        rows = [_image_row(image, newest[image.id], tuple(by_image[image.id]), reviews.get(image.id), zone)
+                for image in images if image.id in newest]
         result.rejected = [
             RejectedRow(r.original_name, r.reason, r.rejected_at.astimezone(zone))
             for r in session.scalars(
@@ -123,7 +127,8 @@ def load_day(engine: Engine, day: date, zone: ZoneInfo) -> Day:
     return result
 
 
-def _image_row(image: Image, prediction: Prediction, arrivals: tuple[ArrivalRow, ...]) -> ImageRow:
+def _image_row(image: Image, prediction: Prediction, arrivals: tuple[ArrivalRow, ...], review: Review | None,
+               zone: ZoneInfo) -> ImageRow:
     return ImageRow(
         sha256=image.sha256,
         original_name=arrivals[0].original_name,
@@ -137,6 +142,8 @@ def _image_row(image: Image, prediction: Prediction, arrivals: tuple[ArrivalRow,
         flagged=prediction.flagged,
         model_version=prediction.model_version,
         model_sha256=prediction.model_sha256,
+        reviewed_by=review.reviewer if review else None,
+        reviewed_at=review.reviewed_at.astimezone(zone) if review else None,
     )
 
 

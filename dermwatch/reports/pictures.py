@@ -22,6 +22,9 @@ from dermwatch.reports.atomic import write_atomically
 THUMBNAIL_SIDE = 256  # suspected melanoma: big enough to judge
 LIST_THUMBNAIL_SIDE = 96  # every other image: enough to recognise it, and keeps the page small
 OCCLUSION_GRID = 8
+#: A grid cell darker than this (mean luminance, 0-255) is the dermatoscope's black border or
+#: a vignetted corner, not skin: it is left out of the heatmap so it cannot take the colour scale.
+BORDER_LUMINANCE = 40
 _MELANOMA = CLASS_NAMES.index(MELANOMA)
 
 
@@ -64,7 +67,10 @@ class Pictures:
 
 
 def occlusion_map(classifier: Classifier, pixels: np.ndarray, grid: int = OCCLUSION_GRID) -> np.ndarray:
-    """grid x grid drops in P(melanoma) when each cell is hidden; 0 where hiding it did not lower it."""
+    """grid x grid drops in P(melanoma) when each cell is hidden.
+
+    0 where hiding the cell did not lower it, and on the dark border (see :func:`dark_cells`).
+    """
     size = pixels.shape[0]
     edges = np.linspace(0, size, grid + 1).round().astype(int)
     fill = pixels.reshape(-1, 3).mean(axis=0).astype(np.uint8)
@@ -73,7 +79,18 @@ def occlusion_map(classifier: Classifier, pixels: np.ndarray, grid: int = OCCLUS
         row, column = divmod(index, grid)
         batch[index + 1, edges[row]:edges[row + 1], edges[column]:edges[column + 1]] = fill
     scores = classifier.predict(batch)[:, _MELANOMA]
-    return np.clip(scores[0] - scores[1:], 0, None).reshape(grid, grid)
+    heat = np.clip(scores[0] - scores[1:], 0, None).reshape(grid, grid)
+    heat[dark_cells(pixels, edges)] = 0.0
+    return heat
+
+
+def dark_cells(pixels: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Which grid cells are nearly black: the dermatoscope border and vignetted corners."""
+    luminance = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    grid = len(edges) - 1
+    means = np.array([[luminance[edges[r]:edges[r + 1], edges[c]:edges[c + 1]].mean() for c in range(grid)]
+                      for r in range(grid)])
+    return means < BORDER_LUMINANCE
 
 
 def overlay(picture: Image.Image, heat: np.ndarray) -> Image.Image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -14,17 +15,21 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import Engine
 
 from dermwatch.config import Settings
+from dermwatch.drift import alert_rate, drift_warning
 from dermwatch.labels import CLASS_NAMES, MALIGNANT, display_name
 from dermwatch.modelcard import ModelCard
+from dermwatch.outcomes import outcome_summary
 from dermwatch.pipeline.classifier import Classifier
 from dermwatch.pipeline.sidecar import SIDECAR_KEYS
 from dermwatch.reports.atomic import write_atomically
 from dermwatch.reports.day import ArrivalRow, Day, ImageRow, load_day
 from dermwatch.reports.pictures import LIST_THUMBNAIL_SIDE, Pictures
+from dermwatch.threshold import AlertThreshold, threshold_for
 
 CSV_FIELDS = [
     "status", "received_at", "original_name", "sha256", "patient_reference", "lesion_reference", "body_site",
-    "notes", "top_label", "melanoma_score", "flagged", *CLASS_NAMES, "model_version", "reason",
+    "notes", "top_label", "melanoma_score", "flagged", *CLASS_NAMES, "model_version", "archive_path", "reviewed_by",
+    "reason",
 ]
 
 _environment = Environment(
@@ -47,23 +52,37 @@ class Rendered:
 
 
 def render_day(engine: Engine, day: date, *, reports_dir: Path, site_name: str, card: ModelCard | None,
-               pictures: Pictures, zone: ZoneInfo) -> Rendered:
+               threshold: AlertThreshold | None, pictures: Pictures, zone: ZoneInfo) -> Rendered:
     """Write reports_dir/YYYY-MM-DD.{html,csv,json} for ``day`` and refresh the index."""
     loaded = load_day(engine, day, zone)
     rows = _flat_rows(loaded)
     stem = reports_dir / day.isoformat()
+    rate = alert_rate(len(loaded.images), len(loaded.flagged), threshold.expected_flag_rate if threshold else None)
+    outcomes = outcome_summary(engine)
     page = _environment.get_template("report.html").render(
-        day=loaded, site_name=site_name, card=card, threshold_words=threshold_words(card),
+        day=loaded, site_name=site_name, card=card, threshold=threshold,
+        threshold_words=threshold_words(card, threshold), alert_rate=rate, drift_warning=drift_warning(rate),
+        outcomes=outcomes,
         class_counts=loaded.class_counts(), malignant=MALIGNANT, pictures=pictures, list_side=LIST_THUMBNAIL_SIDE,
-        zone_name=str(zone),
+        zone_name=str(zone), original_link=lambda archive_path: _relative_link(archive_path, reports_dir),
     )
     write_atomically(stem.with_suffix(".html"), page.encode())
     write_atomically(stem.with_suffix(".csv"), _csv(rows).encode())
     summary = {"images": len(loaded.images), "flagged": len(loaded.flagged), "rejected": len(loaded.rejected)}
-    document = {"date": day.isoformat(), "site": site_name, "timezone": str(zone), **summary, "rows": rows}
+    document = {
+        "date": day.isoformat(), "site": site_name, "timezone": str(zone), **summary,
+        "threshold": threshold.value if threshold else None,
+        "threshold_source": threshold.source if threshold else "no model loaded",
+        "alert_rate": rate, "drift_warning": drift_warning(rate), "outcomes": outcomes, "rows": rows,
+    }
     write_atomically(stem.with_suffix(".json"), (json.dumps(document, indent=2) + "\n").encode())
     render_index(reports_dir, site_name)
     return Rendered(stem.with_suffix(".html"), stem.with_suffix(".csv"), stem.with_suffix(".json"), **summary)
+
+
+def _relative_link(archive_path: str, reports_dir: Path) -> str:
+    """A link to the archived original that works when the reports folder is opened as files."""
+    return Path(os.path.relpath(archive_path, reports_dir.resolve())).as_posix()
 
 
 def render_index(reports_dir: Path, site_name: str) -> Path:
@@ -78,13 +97,16 @@ def render_index(reports_dir: Path, site_name: str) -> Path:
     return index
 
 
-def threshold_words(card: ModelCard | None) -> str:
-    """The report header's sentence on when an image is flagged and what that caught before."""
-    if card is None:
+def threshold_words(card: ModelCard | None, threshold: AlertThreshold | None) -> str:
+    """The report header's sentence on when an image is flagged, where that threshold comes from,
+    and what it caught before."""
+    if card is None or threshold is None:
         return ""
+    words = f"Images with P(melanoma) ≥ {threshold.value:.3f} are flagged"
+    if threshold.validated_at_site:
+        return words + f" ({threshold.source})."
     rule = card.document.get("training", {}).get("threshold_rule", "")
     held_out = card.document.get("evaluation", {}).get("sets", {}).get("test_leak_free", {})
-    words = f"Images with P(melanoma) ≥ {card.melanoma_threshold:.3f} are flagged"
     if rule:
         words += f"; the threshold was set on validation images as the {rule}"
     if held_out.get("melanoma_images"):
@@ -123,6 +145,8 @@ def _arrival_record(row: ImageRow, arrival: ArrivalRow) -> dict:
         "flagged": row.flagged,
         **{label: round(p, 6) for label, p in row.probabilities.items()},
         "model_version": row.model_version,
+        "archive_path": row.archive_path,
+        "reviewed_by": row.reviewed_by or "",
         "reason": "",
     }
 
@@ -153,5 +177,6 @@ class Reporter:
 
     def render(self, day: date) -> Rendered:
         reports = self.settings.reports
+        threshold = threshold_for(self.engine, self.card) if self.card else None
         return render_day(self.engine, day, reports_dir=self.settings.paths.reports, site_name=reports.site_name,
-                          card=self.card, pictures=self.pictures, zone=reports.timezone)
+                          card=self.card, threshold=threshold, pictures=self.pictures, zone=reports.timezone)

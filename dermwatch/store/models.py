@@ -161,3 +161,55 @@ class Alert(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
 
     prediction: Mapped[Prediction] = relationship()
+
+
+class SiteThreshold(Base):
+    """One calibration of the alert threshold on a site's own labelled images, for one model.
+
+    Rows are never updated: the newest row for a model is the threshold in force, the
+    older ones are its history.
+    """
+
+    __tablename__ = "site_thresholds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    threshold: Mapped[float] = mapped_column(Float)
+    target_sensitivity: Mapped[float] = mapped_column(Float)
+    method: Mapped[str] = mapped_column(String(16))  # images | outcomes
+    source: Mapped[str] = mapped_column(Text)  # the folder, CSV or "confirmed outcomes" it was fitted on
+    images: Mapped[int] = mapped_column(Integer)
+    melanomas: Mapped[int] = mapped_column(Integer)
+    sensitivity: Mapped[float] = mapped_column(Float)
+    sensitivity_low: Mapped[float] = mapped_column(Float)
+    sensitivity_high: Mapped[float] = mapped_column(Float)
+    specificity: Mapped[float | None] = mapped_column(Float)  # None: no non-melanoma image
+    specificity_low: Mapped[float | None] = mapped_column(Float)
+    specificity_high: Mapped[float | None] = mapped_column(Float)
+    flag_rate: Mapped[float] = mapped_column(Float)  # share of the calibration images it flags
+
+
+class ConfirmedDiagnosis(Base):
+    """A biopsy or clinical diagnosis of an image, imported by `dermwatch outcome import`."""
+
+    __tablename__ = "confirmed_diagnoses"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), unique=True)
+    diagnosis: Mapped[str] = mapped_column(String(32))
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    source: Mapped[str] = mapped_column(Text)  # the imported file's name
+
+    image: Mapped[Image] = relationship()
+
+
+class Review(Base):
+    """A dermatologist looked at a flagged image: who, and when."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), unique=True)
+    reviewer: Mapped[str] = mapped_column(Text)
+    reviewed_at: Mapped[datetime] = mapped_column(UTCDateTime)

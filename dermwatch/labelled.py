@@ -1,0 +1,67 @@
+"""A site's own labelled photos, for `dermwatch calibrate`: a folder with one subfolder per
+diagnosis, or a CSV with columns path,diagnosis."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from dermwatch.errors import DataError
+from dermwatch.labels import parse_diagnosis
+from dermwatch.pipeline.claim import iter_candidates
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path
+    diagnosis: str  # one of labels.CLASS_NAMES
+
+
+def read_labelled(source: Path) -> list[LabelledImage]:
+    """Every labelled image under ``source``; any unknown folder, diagnosis or missing file is an error."""
+    if source.is_dir():
+        return _from_folders(source)
+    if source.suffix.lower() == ".csv":
+        return _from_csv(source)
+    raise DataError(f"{source}: give a folder with one subfolder per diagnosis, or a CSV with path,diagnosis")
+
+
+def _from_folders(root: Path) -> list[LabelledImage]:
+    images: list[LabelledImage] = []
+    loose = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if loose:
+        raise DataError(f"{root}: files outside a diagnosis folder have no label ({', '.join(sorted(loose)[:3])})")
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            diagnosis = parse_diagnosis(folder.name)
+        except ValueError as error:
+            raise DataError(f"{folder}: folder name {error}") from None
+        images += [LabelledImage(path, diagnosis) for path in iter_candidates(folder)]
+    if not images:
+        raise DataError(f"{root}: no images in folders named after a diagnosis")
+    return images
+
+
+def _from_csv(table: Path) -> list[LabelledImage]:
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if not {"path", "diagnosis"} <= set(reader.fieldnames or ()):
+                raise DataError(f"{table}: needs the columns path,diagnosis (has {', '.join(reader.fieldnames or [])})")
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{table}: cannot be read ({error})") from None
+    images = []
+    for line, row in enumerate(rows, start=2):
+        path = table.parent / row["path"]  # relative paths are read from the CSV's folder
+        try:
+            diagnosis = parse_diagnosis(row["diagnosis"] or "")
+        except ValueError as error:
+            raise DataError(f"{table} line {line}: diagnosis {error}") from None
+        if not path.is_file():
+            raise DataError(f"{table} line {line}: no file {path}")
+        images.append(LabelledImage(path, diagnosis))
+    if not images:
+        raise DataError(f"{table}: no rows")
+    return images
