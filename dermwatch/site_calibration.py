@@ -53,9 +53,7 @@ def fit_threshold(melanoma_scores: np.ndarray, is_melanoma: np.ndarray, target: 
         raise DataError(f"sensitivity {target} must be in (0, 1]")
     scores, positive = np.asarray(melanoma_scores, float), np.asarray(is_melanoma, bool)
     melanomas = int(positive.sum())
-    if melanomas < MIN_MELANOMAS:
-        raise DataError(f"only {melanomas} melanoma image(s) to calibrate on; at least {MIN_MELANOMAS} are needed "
-                        "for a sensitivity that means anything")
+    require_melanomas(melanomas)
     needed = math.ceil(target * melanomas - 1e-9)
     threshold = float(np.sort(scores[positive])[::-1][needed - 1])
     flagged = scores >= threshold
@@ -69,6 +67,12 @@ def fit_threshold(melanoma_scores: np.ndarray, is_melanoma: np.ndarray, target: 
         specificity=_bootstrapped(~flagged[~positive], rng) if (~positive).any() else None,
         flag_rate=float(flagged.mean()),
     )
+
+
+def require_melanomas(melanomas: int) -> None:
+    if melanomas < MIN_MELANOMAS:
+        raise DataError(f"only {melanomas} melanoma image(s) to calibrate on; at least {MIN_MELANOMAS} are needed "
+                        "for a sensitivity that means anything")
 
 
 def _bootstrapped(hits: np.ndarray, rng: np.random.Generator) -> Interval:

@@ -63,8 +63,10 @@ def calibrate(config_path: Path | None, source: Path | None, sensitivity: float,
 def _labelled_scores(classifier, source: Path, max_pixels: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     from dermwatch.labelled import read_labelled
     from dermwatch.pipeline.scoring import score_files
+    from dermwatch.site_calibration import require_melanomas
 
     labelled = read_labelled(source)
+    require_melanomas(sum(image.diagnosis == MELANOMA for image in labelled))  # before classifying them all
     melanoma = CLASS_NAMES.index(MELANOMA)
     scores, is_melanoma, unreadable = [], [], 0
     scored = score_files(classifier, [image.path for image in labelled], max_pixels=max_pixels, batch_size=batch_size)

@@ -1,0 +1,180 @@
+"""Fitting dermwatch to a site: calibration, confirmed outcomes, reviews and the drift warning."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import write_jpeg
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dermwatch.cli import cli
+from dermwatch.config import Settings
+from dermwatch.drift import alert_rate, binomial_upper_tail, drift_warning
+from dermwatch.errors import DataError
+from dermwatch.site_calibration import MIN_MELANOMAS, fit_threshold
+from dermwatch.store.db import make_engine
+from dermwatch.store.models import Prediction, SiteThreshold
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def labelled_folder(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
+    """root/<diagnosis>/<n>.jpg, every image different."""
+    for diagnosis, count in counts.items():
+        for i in range(count):
+            seed += 1
+            write_jpeg(root / diagnosis / f"{diagnosis[:3]}-{i:02d}.jpg", seed=seed, size=(80, 60))
+    return root
+
+
+def test_the_threshold_flags_the_asked_share_of_melanomas() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.6, 0.3, 0.01, 0.02])
+    is_melanoma = np.array([True] * 10 + [False] * 4)
+    fit = fit_threshold(scores, is_melanoma, 0.9)
+    assert fit.threshold == 0.1  # the 9th of 10 melanoma scores: 9 of 10 flagged
+    assert fit.sensitivity.value == 0.9 and fit.sensitivity.low <= 0.9 <= fit.sensitivity.high
+    assert fit.specificity.value == 0.5  # 0.6 and 0.3 flagged, 0.01 and 0.02 not
+    assert fit.flag_rate == pytest.approx(11 / 14)
+    only_melanomas = fit_threshold(scores[:10], is_melanoma[:10], 0.9)
+    assert only_melanomas.specificity is None
+
+
+def test_too_few_melanomas_is_refused() -> None:
+    with pytest.raises(DataError, match=f"only {MIN_MELANOMAS - 1} melanoma image"):
+        fit_threshold(np.linspace(0, 1, 30), np.arange(30) < MIN_MELANOMAS - 1, 0.9)
+
+
+def test_calibrate_refuses_in_one_line_with_too_few_melanomas(config_file: Path, tmp_path: Path) -> None:
+    source = labelled_folder(tmp_path / "site", {"melanoma": 4, "nevus": 6})
+    result = invoke("calibrate", str(source), "--config", str(config_file))
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == ("error: only 4 melanoma image(s) to calibrate on; at least 10 are needed "
+                                     "for a sensitivity that means anything")
+
+
+def test_calibrate_rejects_a_folder_that_is_not_a_diagnosis(config_file: Path, tmp_path: Path) -> None:
+    source = labelled_folder(tmp_path / "site", {"melanoma": 2, "moles": 2})
+    result = invoke("calibrate", str(source), "--config", str(config_file))
+    assert result.exit_code == 1 and "folder name 'moles' is not one of the nine diagnoses" in result.stderr
+
+
+def test_after_calibration_every_part_uses_the_site_threshold(config_file: Path, settings: Settings,
+                                                              tmp_path: Path) -> None:
+    before = json.loads(invoke("status", "--config", str(config_file), "--json").stdout) \
+        if (tmp_path / "dermwatch.db").exists() else None
+    assert before is None  # nothing set up yet: calibrating is the first thing a site may do
+    source = labelled_folder(tmp_path / "site", {"melanoma": 12, "nevus": 15, "basal_cell_carcinoma": 3})
+    result = invoke("calibrate", str(source), "--sensitivity", "0.9", "--config", str(config_file))
+    assert result.exit_code == 0, result.output
+    assert "calibrated on 30 images (12 melanomas)" in result.stdout and "95% CI" in result.stdout
+
+    status = json.loads(invoke("status", "--config", str(config_file), "--json").stdout)
+    assert status["threshold_source"].startswith("site calibration of ")
+    engine = make_engine(settings.database_url)
+    with Session(engine) as session:
+        (site,) = session.scalars(select(SiteThreshold)).all()
+    assert status["threshold"] == site.threshold and site.melanomas == 12 and site.sensitivity >= 0.9
+
+    # classify's flagged column follows the site threshold, and on the calibration images
+    # it finds the asked share of melanomas.
+    table = invoke("classify", "--config", str(config_file), "--format", "csv", str(source))
+    rows = list(csv.DictReader(io.StringIO(table.stdout)))
+    clear = [row for row in rows if abs(float(row["melanoma"]) - site.threshold) > 1e-5]  # the CSV rounds to 6 places
+    assert all((row["flagged"] == "True") == (float(row["melanoma"]) > site.threshold) for row in clear)
+    melanomas = [row for row in rows if "/melanoma/" in row["path"]]
+    assert sum(row["flagged"] == "True" for row in melanomas) >= 0.9 * len(melanomas)
+
+    # A second calibration is history: the newest one is in force.
+    assert invoke("calibrate", str(source), "--sensitivity", "1.0", "--config", str(config_file)).exit_code == 0
+    status = json.loads(invoke("status", "--config", str(config_file), "--json").stdout)
+    with Session(engine) as session:
+        history = session.scalars(select(SiteThreshold).order_by(SiteThreshold.id)).all()
+    assert len(history) == 2 and status["threshold"] == history[-1].threshold <= site.threshold
+
+    # process (the service's own pipeline) stores and flags with it.
+    assert invoke("process", "--config", str(config_file), str(source / "melanoma")).exit_code == 0
+    with Session(engine) as session:
+        predictions = session.scalars(select(Prediction)).all()
+    assert len(predictions) == 12
+    assert all(p.threshold == history[-1].threshold and p.flagged for p in predictions)
+
+    report = invoke("report", "--config", str(config_file))
+    assert report.exit_code == 0, report.output
+    (day_json,) = settings.paths.reports.glob("*.json")
+    document = json.loads(day_json.read_text())
+    assert document["threshold_source"].startswith("site") and document["threshold"] == history[-1].threshold
+    assert document["alert_rate"] == {"images": 12, "flagged": 12, "rate": 1.0, "expected": history[-1].flag_rate}
+
+
+def test_outcomes_are_matched_by_name_or_sha256_listed_when_unknown_and_imported_once(
+        config_file: Path, settings: Settings, tmp_path: Path) -> None:
+    folder = tmp_path / "clinic"
+    names = [write_jpeg(folder / f"lesion-{i}.jpg", seed=200 + i).name for i in range(6)]
+    assert invoke("process", "--config", str(config_file), str(folder)).exit_code == 0
+    engine = make_engine(settings.database_url)
+    with Session(engine) as session:
+        by_name = {p.image.original_name: p for p in session.scalars(select(Prediction))}
+    table = tmp_path / "outcomes.csv"
+    table.write_text(
+        "file_name,sha256,diagnosis\n"
+        + "".join(f"{name},,{'melanoma' if i < 3 else 'nevus'}\n" for i, name in enumerate(names[:5]))
+        + f",{by_name[names[5]].image.sha256},Basal_Cell_Carcinoma\n"
+        + "never-seen.jpg,,nevus\n" + f"{names[0]},,mole\n"
+    )
+    first = invoke("outcome", "import", str(table), "--config", str(config_file))
+    assert first.exit_code == 1  # two rows could not be recorded: the user must look
+    assert "6 recorded, 0 changed, 0 already known, 2 not recorded" in first.stdout
+    assert "not recorded: line 8: no image was received as 'never-seen.jpg'" in first.stderr
+    assert "not recorded: line 9: 'mole' is not one of the nine diagnoses" in first.stderr
+    again = invoke("outcome", "import", str(table), "--config", str(config_file))
+    assert "0 recorded, 0 changed, 6 already known, 2 not recorded" in again.stdout
+
+    assert invoke("report", "--config", str(config_file)).exit_code == 0
+    (day_json,) = settings.paths.reports.glob("*.json")
+    outcomes = json.loads(day_json.read_text())["outcomes"]
+    flagged_melanomas = sum(by_name[n].flagged for n in names[:3])
+    flagged = sum(p.flagged for p in by_name.values())
+    assert outcomes == {
+        "confirmed": 6, "melanoma": 3, "melanoma_flagged": flagged_melanomas, "flagged": flagged,
+        "sensitivity": flagged_melanomas / 3, "ppv": flagged_melanomas / flagged if flagged else None,
+    }
+
+
+def test_a_reviewed_flag_shows_who_looked_and_an_unreviewed_one_says_not_yet(
+        tmp_path: Path, flag_everything_model: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[model]\npath = "{flag_everything_model}"\n[database]\nurl = "sqlite:///d.db"\n')
+    for i in range(2):
+        write_jpeg(tmp_path / "in" / f"spot-{i}.jpg", seed=300 + i)
+    assert invoke("process", "--config", str(config), str(tmp_path / "in")).exit_code == 0
+    marked = invoke("review", "spot-0.jpg", "--by", "dr.alice", "--config", str(config))
+    assert marked.exit_code == 0 and "1 image(s) marked reviewed by dr.alice" in marked.stdout
+    missing = invoke("review", "abcdef1234567890", "--config", str(config))
+    assert missing.exit_code == 1 and "no image with sha256 abcdef1234567890" in missing.stderr
+    assert invoke("report", "--config", str(config)).exit_code == 0
+    (page,) = (tmp_path / "var" / "reports").glob("2*.html")
+    html = page.read_text()
+    assert "by dr.alice" in html and html.count("not yet</strong>") == 1
+    (day_json,) = (tmp_path / "var" / "reports").glob("*.json")
+    rows = json.loads(day_json.read_text())["rows"]
+    assert sorted(row["reviewed_by"] for row in rows) == ["", "dr.alice"]
+    assert all(Path(row["archive_path"]).is_file() for row in rows)
+
+
+def test_the_drift_warning_needs_a_large_excess_on_enough_images() -> None:
+    assert binomial_upper_tail(0, 10, 0.3) == pytest.approx(1.0)
+    assert binomial_upper_tail(10, 10, 0.5) == pytest.approx(0.5 ** 10)
+    assert drift_warning(alert_rate(40, 30, 0.2)) is not None  # 75 % against 20 %
+    assert drift_warning(alert_rate(40, 11, 0.2)) is None  # 27 %: within chance
+    assert drift_warning(alert_rate(10, 9, 0.2)) is None  # too few images to say
+    assert drift_warning(alert_rate(40, 30, None)) is None  # nothing to compare with
+    assert "flagged 30 of 40 images today (75%)" in drift_warning(alert_rate(40, 30, 0.2))
