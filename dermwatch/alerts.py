@@ -6,10 +6,15 @@ the alert, which is logged and retried every ``retry_minutes``.
 
 Each alert is claimed by one atomic UPDATE before it is sent, so the service and a
 `dermwatch process` beside it (or, later, several workers) never send one alert twice.
+
+With ``digest_minutes`` > 0, alerts wait until the oldest one owed on a channel is that old,
+and then go out together: one e-mail, or one command run, listing every image flagged in
+the window. A drop of forty files then makes one message, not forty.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -19,7 +24,7 @@ import subprocess
 from datetime import timedelta
 from email.message import EmailMessage
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from dermwatch.config import AlertSettings
@@ -40,6 +45,8 @@ class AlertError(Exception):
 
 def send_pending(engine: Engine, settings: AlertSettings, site_name: str, zone) -> int:
     """Try every alert that is due and that this process manages to claim; return how many were sent."""
+    if settings.digest_minutes > 0:
+        return _send_digests(engine, settings, site_name, zone)
     sent = 0
     with Session(engine) as session:
         due = session.scalars(
@@ -64,6 +71,48 @@ def send_pending(engine: Engine, settings: AlertSettings, site_name: str, zone) 
                 log.info("alert %d sent by %s", alert.id, alert.channel)
             session.commit()
     return sent
+
+
+def _send_digests(engine: Engine, settings: AlertSettings, site_name: str, zone) -> int:
+    """Per channel: once its oldest alert owed is ``digest_minutes`` old, send all due ones as one."""
+    sent = 0
+    window = timedelta(minutes=settings.digest_minutes)
+    with Session(engine) as session:
+        for channel in settings.channels:
+            now = utc_now()
+            owed = select(Alert).where(Alert.channel == channel, Alert.sent_at.is_(None))
+            oldest = session.scalar(select(func.min(Alert.created_at)).select_from(owed.subquery()))
+            if oldest is None or now - oldest < window:
+                continue
+            due = session.scalars(select(Alert.id).where(Alert.channel == channel, Alert.sent_at.is_(None),
+                                                         Alert.next_attempt_at <= now).order_by(Alert.id)).all()
+            alerts = [session.get(Alert, alert_id) for alert_id in due if _claim(session, alert_id)]
+            if not alerts:
+                continue
+            try:
+                _send_digest(channel, [_facts(alert, settings, zone) for alert in alerts], settings, site_name)
+            except AlertError as error:
+                for alert in alerts:
+                    alert.last_error = str(error)
+                    alert.next_attempt_at = utc_now() + timedelta(minutes=settings.retry_minutes)
+                log.error("digest of %d alerts (%s) failed, retrying in %g min: %s", len(alerts), channel,
+                          settings.retry_minutes, error)
+            else:
+                for alert in alerts:
+                    alert.sent_at, alert.last_error = utc_now(), None
+                sent += len(alerts)
+                log.info("digest of %d alerts sent by %s", len(alerts), channel)
+            session.commit()
+    return sent
+
+
+def _send_digest(channel: str, images: list[dict[str, str]], settings: AlertSettings, site_name: str) -> None:
+    if channel == "email":
+        _send_digest_mail(images, settings, site_name)
+    elif channel == "command":
+        _run_digest_command(images, settings)
+    else:
+        raise AlertError(f"channel {channel!r} is not configured any more")
 
 
 def _claim(session: Session, alert_id: int) -> bool:
@@ -115,11 +164,27 @@ def _arrival_sidecar(prediction) -> dict[str, str] | None:
     return next((s.sidecar for s in sightings if s.sidecar), None)
 
 
+def _send_digest_mail(images: list[dict[str, str]], settings: AlertSettings, site_name: str) -> None:
+    message = EmailMessage()
+    count = f"{len(images)} image{'s' if len(images) != 1 else ''}"
+    window = f"{settings.digest_minutes:g} min"
+    message["Subject"] = f"[{site_name}] suspected melanoma: {count} flagged in the last {window}"
+    lines = [f"dermwatch at {site_name} flagged {count} as possible melanoma:", ""]
+    for facts in images:
+        lines.append(f"- {facts['FILE_NAME']}: P(melanoma) {facts['MELANOMA_SCORE']} "
+                     f"(threshold {facts['THRESHOLD']}), received {facts['RECEIVED_AT']}")
+        references = [facts.get(key) for key in ("PATIENT_REFERENCE", "LESION_REFERENCE", "BODY_SITE")]
+        if any(references):
+            lines.append("  " + " / ".join(filter(None, references)))
+        lines.append(f"  archived at {facts['ARCHIVE_PATH']}")
+    lines += ["", "Decision support, not a diagnosis: please review the images in today's report."]
+    message.set_content("\n".join(lines) + "\n")
+    _deliver(message, settings)
+
+
 def _send_mail(facts: dict[str, str], settings: AlertSettings, site_name: str) -> None:
     message = EmailMessage()
     message["Subject"] = f"[{site_name}] suspected melanoma: P={facts['MELANOMA_SCORE']} in {facts['FILE_NAME']}"
-    message["From"] = settings.mail_from
-    message["To"] = ", ".join(settings.mail_to)
     lines = [
         f"dermwatch at {site_name} flagged an image as possible melanoma.",
         "",
@@ -135,6 +200,12 @@ def _send_mail(facts: dict[str, str], settings: AlertSettings, site_name: str) -
             lines.append(f"{label + ':':<15}{facts[key]}")
     lines += ["", "Decision support, not a diagnosis: please review the image."]
     message.set_content("\n".join(lines) + "\n")
+    _deliver(message, settings)
+
+
+def _deliver(message: EmailMessage, settings: AlertSettings) -> None:
+    message["From"] = settings.mail_from
+    message["To"] = ", ".join(settings.mail_to)
     password = os.environ.get(settings.smtp_password_env, "") if settings.smtp_user else ""
     if settings.smtp_user and not password:
         raise AlertError(f"[alerts] smtp_user is set but ${settings.smtp_password_env} is empty")
@@ -150,10 +221,22 @@ def _send_mail(facts: dict[str, str], settings: AlertSettings, site_name: str) -
 
 
 def _run_command(facts: dict[str, str], settings: AlertSettings) -> None:
-    environment = {**os.environ, **{f"DERMWATCH_{key}": value for key, value in facts.items()}}
+    _run(settings, {f"DERMWATCH_{key}": value for key, value in facts.items()}, stdin="")
+
+
+def _run_digest_command(images: list[dict[str, str]], settings: AlertSettings) -> None:
+    """One run for the whole digest: the count and file names in the environment, every
+    image's facts as a JSON list on standard input."""
+    names = "\n".join(facts["FILE_NAME"] for facts in images)
+    _run(settings, {"DERMWATCH_DIGEST_COUNT": str(len(images)), "DERMWATCH_FILE_NAMES": names},
+         stdin=json.dumps(images))
+
+
+def _run(settings: AlertSettings, variables: dict[str, str], stdin: str) -> None:
+    environment = {**os.environ, **variables}
     try:
-        result = subprocess.run(shlex.split(settings.command), env=environment, capture_output=True, text=True,
-                                timeout=COMMAND_TIMEOUT_SECONDS)
+        result = subprocess.run(shlex.split(settings.command), env=environment, input=stdin, capture_output=True,
+                                text=True, timeout=COMMAND_TIMEOUT_SECONDS)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise AlertError(f"command {settings.command!r}: {error}") from None
     if result.returncode != 0:

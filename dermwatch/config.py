@@ -39,7 +39,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "images": {"max_pixels": 50_000_000},
     "site": {"name": "dermwatch", "timezone": "UTC"},
-    "reports": {"daily_at": "18:00", "refresh_minutes": 15.0},
+    "reports": {"daily_at": "18:00", "refresh_minutes": 15.0, "quiet_seconds": 30.0},
     "alerts": {
         "include_reference": False,
         "command": "",
@@ -51,6 +51,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "mail_from": "",
         "mail_to": [],
         "retry_minutes": 5.0,
+        "digest_minutes": 0.0,
     },
 }
 
@@ -95,7 +96,8 @@ class ReportSettings:
     site_name: str
     timezone: ZoneInfo  # what "today" means, and the days reports cover
     daily_at: time  # local time of the daily report
-    refresh_minutes: float  # today's report is refreshed this often while images arrive
+    refresh_minutes: float  # while images keep arriving, today's report is refreshed at least this often
+    quiet_seconds: float  # and once no image has arrived for this long (the end of a burst)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class AlertSettings:
     mail_from: str
     mail_to: tuple[str, ...]
     retry_minutes: float
+    digest_minutes: float  # 0: one alert per flagged image; else one message per window
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -167,13 +170,19 @@ def _merge(raw: dict[str, Any], path: Path | None) -> dict[str, dict[str, Any]]:
     return merged
 
 
+#: Numbers for which 0 means "off" rather than a mistake.
+MAY_BE_ZERO = frozenset({"[alerts] digest_minutes"})
+
+
 def _checked(name: str, value: Any, default: Any, where: Path | str) -> Any:
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not expected:
         raise ConfigError(f"{where}: {name} must be a {expected.__name__}, got {value!r}")
-    if expected in (int, float) and value <= 0:
+    if expected in (int, float) and name in MAY_BE_ZERO and value < 0:
+        raise ConfigError(f"{where}: {name} must be 0 or more, got {value!r}")
+    if expected in (int, float) and name not in MAY_BE_ZERO and value <= 0:
         raise ConfigError(f"{where}: {name} must be positive, got {value!r}")
     if expected is list and not all(isinstance(item, str) for item in value):
         raise ConfigError(f"{where}: {name} must be a list of strings, got {value!r}")
@@ -213,7 +222,7 @@ def _report_settings(site: dict[str, Any], reports: dict[str, Any]) -> ReportSet
     except ValueError:
         raise ConfigError(f"[reports] daily_at {reports['daily_at']!r} is not a time like '18:00'") from None
     return ReportSettings(site_name=site["name"], timezone=zone, daily_at=daily_at,
-                          refresh_minutes=reports["refresh_minutes"])
+                          refresh_minutes=reports["refresh_minutes"], quiet_seconds=reports["quiet_seconds"])
 
 
 def _alert_settings(alerts: dict[str, Any]) -> AlertSettings:

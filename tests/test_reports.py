@@ -208,20 +208,42 @@ def test_real_chromium_shows_the_flagged_section(day_of_images, tmp_path: Path) 
 
 
 def test_schedule_rules() -> None:
-    settings = ReportSettings(site_name="x", timezone=BERLIN, daily_at=time(18, 0), refresh_minutes=15)
+    settings = ReportSettings(site_name="x", timezone=BERLIN, daily_at=time(18, 0), refresh_minutes=15,
+                              quiet_seconds=30)
     morning = datetime(2026, 3, 14, 9, 0, tzinfo=BERLIN)
     schedule = ReportSchedule(settings, {})
     yesterday, today = date(2026, 3, 13), date(2026, 3, 14)
-    latest = {yesterday: morning - timedelta(hours=20), today: morning - timedelta(minutes=1)}
-    assert schedule.due(morning, latest) == [yesterday, today]
+    latest = {yesterday: morning - timedelta(hours=20), today: morning - timedelta(seconds=5)}
+    assert schedule.due(morning, latest) == [yesterday]  # a past day at once; today waits for the burst to end
     schedule.mark(yesterday, morning)
-    schedule.mark(today, morning)
-    latest[today] = morning + timedelta(minutes=2)
-    assert schedule.due(morning + timedelta(minutes=5), latest) == []  # refresh not yet due
-    assert schedule.due(morning + timedelta(minutes=16), latest) == [today]
-    schedule.mark(today, morning + timedelta(minutes=16))
+    assert schedule.due(morning + timedelta(seconds=26), latest) == [today]  # 31 s without an arrival
+    schedule.mark(today, morning + timedelta(seconds=26))
+    # A steady stream, one image every 10 s: never quiet, so refreshed every refresh_minutes.
+    start = morning + timedelta(seconds=30)
+    renders = []
+    for tick in range(0, 40 * 60, 10):
+        now = start + timedelta(seconds=tick)
+        latest[today] = now
+        if schedule.due(now, latest):
+            schedule.mark(today, now)
+            renders.append(tick)
+    assert renders == [15 * 60, 30 * 60 + 10]  # 15 min after it first fell behind again
+    # The stream ends: the report follows within quiet_seconds.
+    end = latest[today]
+    assert schedule.due(end + timedelta(seconds=29), latest) == []
+    assert schedule.due(end + timedelta(seconds=31), latest) == [today]
+    schedule.mark(today, end + timedelta(seconds=31))
     evening = datetime(2026, 3, 14, 18, 0, 1, tzinfo=BERLIN)
     assert schedule.due(evening, latest) == [today]  # daily report, even with nothing new
+
+
+def test_a_restart_rewrites_a_report_older_than_the_database() -> None:
+    settings = ReportSettings(site_name="x", timezone=BERLIN, daily_at=time(18, 0), refresh_minutes=15,
+                              quiet_seconds=30)
+    now = datetime(2026, 3, 14, 10, 0, tzinfo=BERLIN)
+    written = now - timedelta(minutes=3)  # mid-burst, before the service stopped
+    schedule = ReportSchedule(settings, {date(2026, 3, 14): written})
+    assert schedule.due(now, {date(2026, 3, 14): now - timedelta(minutes=2)}) == [date(2026, 3, 14)]
 
 
 def smtp_server():
@@ -292,6 +314,52 @@ def test_flagged_image_alert_reaches_a_real_smtp_server(config_file: Path, inclu
     body = message.get_payload()
     assert "shoulder.jpg" in body and "not a diagnosis" in body
     assert ("P-7" in body) is include_reference
+
+
+def test_a_digest_sends_one_mail_and_one_command_run_for_a_burst(tmp_path: Path, flag_everything_model: Path) -> None:
+    from dermwatch.alerts import send_pending
+
+    controller, inbox = smtp_server()
+    script = tmp_path / "alert.sh"
+    script.write_text('#!/bin/sh\ncat > "$0.$DERMWATCH_DIGEST_COUNT.json"\n')
+    script.chmod(0o700)
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[model]
+path = "{flag_everything_model}"
+[alerts]
+smtp_host = "127.0.0.1"
+smtp_port = {controller.port}
+smtp_starttls = false
+mail_from = "dermwatch@praxis.example"
+mail_to = ["derm@praxis.example"]
+command = "{script}"
+digest_minutes = 0.03
+""")
+    settings = load_settings(config)
+    for i in range(5):
+        write_jpeg(tmp_path / "drop" / f"burst-{i}.jpg", seed=500 + i)
+    try:
+        from click.testing import CliRunner
+
+        from dermwatch.cli import cli
+
+        # process sends what is due at its end: within the window, nothing yet.
+        assert CliRunner().invoke(cli, ["process", "--config", str(config), str(tmp_path / "drop")]).exit_code == 0
+        assert inbox.messages == []
+        engine = make_engine(settings.database_url)
+        clock.sleep(2)
+        assert send_pending(engine, settings.alerts, "Praxis Nord", settings.reports.timezone) == 10
+        assert send_pending(engine, settings.alerts, "Praxis Nord", settings.reports.timezone) == 0
+    finally:
+        controller.stop()
+    (message,) = inbox.messages
+    subject = " ".join(message["Subject"].split())  # long headers come folded
+    assert subject == "[Praxis Nord] suspected melanoma: 5 images flagged in the last 0.03 min"
+    assert all(f"burst-{i}.jpg" in message.get_payload() for i in range(5))
+    (run,) = tmp_path.glob("alert.sh.*.json")
+    assert run.name == "alert.sh.5.json"
+    assert sorted(facts["FILE_NAME"] for facts in json.loads(run.read_text())) == [f"burst-{i}.jpg" for i in range(5)]
 
 
 def test_failed_alert_is_kept_and_retried(config_file: Path, tmp_path: Path) -> None:

@@ -2,8 +2,10 @@
 
 - a past day whose report is missing or older than its last arrival: now (this covers
   days the service was down for, and images that came in after yesterday's last report);
-- today: as soon as the first image arrives, then again every ``refresh_minutes`` while
-  more arrive, and once at ``daily_at`` whatever happened.
+- today, once it is older than its last arrival: when no image has arrived for
+  ``quiet_seconds`` (a burst has ended), or ``refresh_minutes`` after it fell behind while
+  images keep coming; and once at ``daily_at`` whatever happened. A report left behind by
+  a restart is therefore rewritten at start-up.
 """
 
 from __future__ import annotations
@@ -26,18 +28,21 @@ class ReportSchedule:
     def __init__(self, settings: ReportSettings, rendered: dict[date, datetime]) -> None:
         self.settings = settings
         self.rendered = dict(rendered)
+        self.behind_since: dict[date, datetime] = {}  # when each day's report fell behind its arrivals
 
     def due(self, now: datetime, latest_arrival: dict[date, datetime]) -> list[date]:
         """Days to render at ``now`` (aware), given each day's latest arrival (aware)."""
         zone = self.settings.timezone
         today = now.astimezone(zone).date()
         refresh = timedelta(minutes=self.settings.refresh_minutes)
+        quiet = timedelta(seconds=self.settings.quiet_seconds)
         due = set()
         for day, latest in latest_arrival.items():
             last = self.rendered.get(day)
             if last is not None and last >= latest:
                 continue
-            if day < today or last is None or now - last >= refresh:
+            behind_since = self.behind_since.setdefault(day, now)
+            if day < today or now - latest >= quiet or now - behind_since >= refresh:
                 due.add(day)
         daily = datetime.combine(today, self.settings.daily_at, zone)
         if now >= daily and self.rendered.get(today, datetime.min.replace(tzinfo=timezone.utc)) < daily:
@@ -46,3 +51,4 @@ class ReportSchedule:
 
     def mark(self, day: date, when: datetime) -> None:
         self.rendered[day] = when
+        self.behind_since.pop(day, None)
