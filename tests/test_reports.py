@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import socket
 import subprocess
 import time as clock
 from datetime import date, datetime, time, timedelta, timezone
+from html import unescape as html_unescape
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -205,6 +207,29 @@ def test_real_chromium_shows_the_flagged_section(day_of_images, tmp_path: Path) 
     # The flagged section's red frame and heading are on screen in the first page view.
     red = (pixels[..., 0] > 150) & (pixels[..., 1] < 60) & (pixels[..., 2] < 80)
     assert red[:700].sum() > 2000
+
+
+def test_pictures_keep_their_aspect_ratio_in_real_chromium(day_of_images, tmp_path: Path) -> None:
+    """A stretched lesion shows a false asymmetry: every picture must keep its shape (4:3 here)."""
+    assert shutil.which("chromium"), "this test needs Debian's chromium (apt-get install chromium; .ci/run does)"
+    _, reporter = day_of_images
+    page = reporter.render(DAY).html.read_text()
+    # A copy of the page that measures itself: the report's own policy allows no script.
+    probe = """<script>window.onload = () => { document.body.setAttribute('data-sizes', JSON.stringify(
+      [...document.images].map(i => [i.clientWidth, i.clientHeight, i.naturalWidth, i.naturalHeight]))); };</script>"""
+    measured = tmp_path / "measured.html"
+    measured.write_text(re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page)
+                        .replace("</body>", probe + "</body>"))
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1400",
+                          "--virtual-time-budget=5000", "--dump-dom", measured.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    sizes = json.loads(html_unescape(re.search(r'data-sizes="([^"]*)"', dom.stdout).group(1)))
+    assert len(sizes) == 2 * 2 + 3
+    for shown_width, shown_height, width, height in sizes:
+        assert width / height == pytest.approx(4 / 3, rel=0.02)
+        assert shown_width / shown_height == pytest.approx(width / height, rel=0.02)
 
 
 def test_schedule_rules() -> None:
@@ -479,3 +504,14 @@ def test_one_image_for_two_patients_shows_both_in_every_format(berlin_config: Pa
     assert [r["patient_reference"] for r in document["rows"]] == ["P-A", "P-B"] and document["images"] == 1
     html = rendered.html.read_text()
     assert "P-A" in html and "P-B" in html and "sent again by the GP" in html
+
+
+def test_the_heatmap_leaves_the_dark_dermatoscope_border_out() -> None:
+    from dermwatch.reports.pictures import dark_cells
+
+    pixels = np.full((64, 64, 3), 170, np.uint8)  # skin
+    yy, xx = np.mgrid[:64, :64]
+    pixels[(yy - 31.5) ** 2 + (xx - 31.5) ** 2 > 30 ** 2] = 5  # the round scope's black surround
+    dark = dark_cells(pixels, np.linspace(0, 64, 9).round().astype(int))
+    assert dark[0, 0] and dark[0, 7] and dark[7, 0] and dark[7, 7]  # corners are border
+    assert not dark[2:6, 2:6].any()  # the middle is skin

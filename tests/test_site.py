@@ -178,3 +178,39 @@ def test_the_drift_warning_needs_a_large_excess_on_enough_images() -> None:
     assert drift_warning(alert_rate(10, 9, 0.2)) is None  # too few images to say
     assert drift_warning(alert_rate(40, 30, None)) is None  # nothing to compare with
     assert "flagged 30 of 40 images today (75%)" in drift_warning(alert_rate(40, 30, 0.2))
+
+
+def test_a_flag_rate_far_above_expected_is_warned_about_everywhere(
+        config_file: Path, flag_everything_model: Path, start_service) -> None:
+    from datetime import datetime
+
+    from conftest import wait_until
+
+    from dermwatch.config import load_settings
+    from dermwatch.modelcard import load_card
+    from dermwatch.store.db import ensure_schema
+    from dermwatch.store.models import utc_now
+
+    text = config_file.read_text()
+    config_file.write_text(text.split("[model]")[0] + f'[model]\npath = "{flag_everything_model}"\nthreads = 1\n'
+                           + "[watcher]" + text.split("[watcher]")[1] + "[reports]\nquiet_seconds = 1\n")
+    settings = load_settings(config_file)
+    engine = make_engine(settings.database_url)
+    ensure_schema(engine)
+    card = load_card(flag_everything_model)
+    with Session(engine) as session, session.begin():  # a calibration under which 5 % were flagged
+        session.add(SiteThreshold(model_sha256=card.sha256, created_at=utc_now(), threshold=1e-6,
+                                  target_sensitivity=0.9, method="images", source="test", images=100,
+                                  melanomas=10, sensitivity=0.9, sensitivity_low=0.7, sensitivity_high=1.0,
+                                  specificity=0.99, specificity_low=0.95, specificity_high=1.0, flag_rate=0.05))
+    service = start_service()
+    for i in range(25):
+        write_jpeg(settings.paths.intake / f"drift-{i:02d}.jpg", seed=700 + i, size=(48, 40))
+    wait_until(lambda: any("warning (alert rate): the alert flagged 25 of 25" in s for s in service.statuses()),
+               90, "a drift warning in STATUS=")
+    status = json.loads(invoke("status", "--config", str(config_file), "--json").stdout)
+    assert status["alert_rate_today"] == {"images": 25, "flagged": 25, "rate": 1.0, "expected": 0.05}
+    assert "far above the 5%" in status["drift_warning"]
+    today = datetime.now(settings.reports.timezone).date().isoformat()
+    assert "far above the 5%" in (settings.paths.reports / f"{today}.html").read_text()
+    assert service.stop() == 0

@@ -49,6 +49,7 @@ class Rendered:
     images: int
     flagged: int
     rejected: int
+    drift_warning: str | None = None
 
 
 def render_day(engine: Engine, day: date, *, reports_dir: Path, site_name: str, card: ModelCard | None,
@@ -77,7 +78,8 @@ def render_day(engine: Engine, day: date, *, reports_dir: Path, site_name: str, 
     }
     write_atomically(stem.with_suffix(".json"), (json.dumps(document, indent=2) + "\n").encode())
     render_index(reports_dir, site_name)
-    return Rendered(stem.with_suffix(".html"), stem.with_suffix(".csv"), stem.with_suffix(".json"), **summary)
+    return Rendered(stem.with_suffix(".html"), stem.with_suffix(".csv"), stem.with_suffix(".json"), **summary,
+                    drift_warning=document["drift_warning"])
 
 
 def _relative_link(archive_path: str, reports_dir: Path) -> str:

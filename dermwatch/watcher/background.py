@@ -88,6 +88,8 @@ class ReportWorker(_Worker):
         for day in self.schedule.due(now, self.latest):
             rendered = self.reporter.render(day)
             self.schedule.mark(day, now - COMMIT_MARGIN)
+            if day == now.astimezone(self.settings.reports.timezone).date():
+                self.health.warn("alert rate", rendered.drift_warning)
             log.info("report %s: %d images, %d flagged, %d could not be read", rendered.html, rendered.images,
                      rendered.flagged, rendered.rejected)
 

@@ -34,6 +34,7 @@ class Fault:
 class Health:
     def __init__(self) -> None:
         self._faults: dict[str, Fault] = {}
+        self._warnings: dict[str, str] = {}  # not faults: the service works, but someone should look
         self._lock = threading.Lock()
         self._status_fd: int | None = None
 
@@ -51,16 +52,28 @@ class Health:
         if previous is not None:
             log.warning("%s: working again after %s", part, previous.message)
 
+    def warn(self, part: str, message: str | None) -> None:
+        """Set (or, with None, clear) a standing warning; logged when it starts or changes."""
+        with self._lock:
+            previous = self._warnings.pop(part, None)
+            if message:
+                self._warnings[part] = message
+        if message and message != previous:
+            log.warning("%s: %s", part, message)
+
     def faults(self) -> dict[str, Fault]:
         with self._lock:
             return dict(self._faults)
 
     def summary(self) -> str:
         """One line for systemd's STATUS=: empty when all is well."""
-        return "; ".join(
-            f"{part} waiting since {fault.since:%H:%M:%S} UTC: {fault.message}"
-            for part, fault in sorted(self.faults().items())
-        )
+        with self._lock:
+            warnings = sorted(self._warnings.items())
+        return "; ".join([
+            *(f"{part} waiting since {fault.since:%H:%M:%S} UTC: {fault.message}"
+              for part, fault in sorted(self.faults().items())),
+            *(f"warning ({part}): {message}" for part, message in warnings),
+        ])
 
     def publish(self, state_dir: Path, status_line: str) -> None:
         """state/service.json, read by `dermwatch status`.
