@@ -103,6 +103,8 @@ def test_a_day_renders_every_section_in_order(day_of_images) -> None:
         "image file is truncated", "By most likely class", "decision support, not a diagnosis")]
     assert order == sorted(order)
     assert "P-0042" in html and "upper back" in html and "09:05:00" in html
+    patients = html.split('<section id="by-patient">')[1].split("</section>")[0]
+    assert "P-0042" in patients and "back-mole.jpg" in patients and "arm.jpg" not in patients
     assert "next-day.jpg" not in html
     assert html.count("data:image/jpeg;base64,") == 2 * 2 + 3  # thumbnail and heatmap per flagged image
     assert "times in Europe/Berlin" in html

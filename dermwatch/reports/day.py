@@ -74,6 +74,15 @@ class Day:
     def images(self) -> list[ImageRow]:
         return self.flagged + self.others
 
+    def by_patient(self) -> dict[str, list[tuple[ImageRow, ArrivalRow]]]:
+        """Arrivals with a patient reference, grouped by it (flagged images first within each)."""
+        groups: dict[str, list[tuple[ImageRow, ArrivalRow]]] = defaultdict(list)
+        for row in self.images:  # flagged first, as the page lists them
+            for arrival in row.arrivals:
+                if arrival.sidecar.get("patient_reference"):
+                    groups[arrival.sidecar["patient_reference"]].append((row, arrival))
+        return dict(sorted(groups.items()))
+
     def class_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(CLASS_NAMES, 0)
         for row in self.images:
