@@ -18,20 +18,24 @@ class LabelledImage:
     diagnosis: str  # one of labels.CLASS_NAMES
 
 
-def read_labelled(source: Path) -> list[LabelledImage]:
+@dataclass(frozen=True)
+class Labelled:
+    images: list[LabelledImage]
+    unused: list[Path]  # files beside the diagnosis folders (a labels.csv, a README): said, not read
+
+
+def read_labelled(source: Path) -> Labelled:
     """Every labelled image under ``source``; any unknown folder, diagnosis or missing file is an error."""
     if source.is_dir():
         return _from_folders(source)
     if source.suffix.lower() == ".csv":
-        return _from_csv(source)
+        return Labelled(_from_csv(source), [])
     raise DataError(f"{source}: give a folder with one subfolder per diagnosis, or a CSV with path,diagnosis")
 
 
-def _from_folders(root: Path) -> list[LabelledImage]:
+def _from_folders(root: Path) -> Labelled:
     images: list[LabelledImage] = []
-    loose = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
-    if loose:
-        raise DataError(f"{root}: files outside a diagnosis folder have no label ({', '.join(sorted(loose)[:3])})")
+    loose = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
             diagnosis = parse_diagnosis(folder.name)
@@ -40,7 +44,7 @@ def _from_folders(root: Path) -> list[LabelledImage]:
         images += [LabelledImage(path, diagnosis) for path in iter_candidates(folder)]
     if not images:
         raise DataError(f"{root}: no images in folders named after a diagnosis")
-    return images
+    return Labelled(images, loose)
 
 
 def _from_csv(table: Path) -> list[LabelledImage]:

@@ -65,7 +65,10 @@ def _labelled_scores(classifier, source: Path, max_pixels: int, batch_size: int)
     from dermwatch.pipeline.scoring import score_files
     from dermwatch.site_calibration import require_melanomas
 
-    labelled = read_labelled(source)
+    found = read_labelled(source)
+    for path in found.unused:
+        click.echo(f"not used: {path} (outside the diagnosis folders, so it has no label)", err=True)
+    labelled = found.images
     require_melanomas(sum(image.diagnosis == MELANOMA for image in labelled))  # before classifying them all
     melanoma = CLASS_NAMES.index(MELANOMA)
     scores, is_melanoma, unreadable = [], [], 0

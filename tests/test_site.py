@@ -73,8 +73,10 @@ def test_after_calibration_every_part_uses_the_site_threshold(config_file: Path,
         if (tmp_path / "dermwatch.db").exists() else None
     assert before is None  # nothing set up yet: calibrating is the first thing a site may do
     source = labelled_folder(tmp_path / "site", {"melanoma": 12, "nevus": 15, "basal_cell_carcinoma": 3})
+    (source / "labels.csv").write_text("image_id,label\n")  # as data sets often carry beside their folders
     result = invoke("calibrate", str(source), "--sensitivity", "0.9", "--config", str(config_file))
     assert result.exit_code == 0, result.output
+    assert f"not used: {source / 'labels.csv'} (outside the diagnosis folders" in result.stderr
     assert "calibrated on 30 images (12 melanomas)" in result.stdout and "95% CI" in result.stdout
 
     status = json.loads(invoke("status", "--config", str(config_file), "--json").stdout)
@@ -107,12 +109,24 @@ def test_after_calibration_every_part_uses_the_site_threshold(config_file: Path,
     assert len(predictions) == 12
     assert all(p.threshold == history[-1].threshold and p.flagged for p in predictions)
 
+    # Confirmed outcomes can stand in for a labelled folder.
+    outcomes = tmp_path / "outcomes.csv"
+    outcomes.write_text("file_name,diagnosis\n" + "".join(f"mel-{i:02d}.jpg,melanoma\n" for i in range(12)))
+    assert invoke("outcome", "import", str(outcomes), "--config", str(config_file)).exit_code == 0
+    refit = invoke("calibrate", "--from-outcomes", "--config", str(config_file))
+    assert refit.exit_code == 0, refit.output
+    assert "calibrated on 12 images (12 melanomas) from 12 confirmed outcomes" in refit.stdout
+    assert "specificity: n/a" in refit.stdout
+    with Session(engine) as session:
+        newest = session.scalars(select(SiteThreshold).order_by(SiteThreshold.id.desc())).first()
+    assert newest.method == "outcomes" and newest.melanomas == 12
+
     report = invoke("report", "--config", str(config_file))
     assert report.exit_code == 0, report.output
     (day_json,) = settings.paths.reports.glob("*.json")
     document = json.loads(day_json.read_text())
-    assert document["threshold_source"].startswith("site") and document["threshold"] == history[-1].threshold
-    assert document["alert_rate"] == {"images": 12, "flagged": 12, "rate": 1.0, "expected": history[-1].flag_rate}
+    assert document["threshold_source"].startswith("site") and document["threshold"] == newest.threshold
+    assert document["alert_rate"] == {"images": 12, "flagged": 12, "rate": 1.0, "expected": newest.flag_rate}
 
 
 def test_outcomes_are_matched_by_name_or_sha256_listed_when_unknown_and_imported_once(
