@@ -6,7 +6,7 @@ that no longer matches the one measured when the threshold was chosen.
 
 from __future__ import annotations
 
-import math
+from dermwatch.stats import binomial_upper_tail
 
 #: Below this many images a day, even a large excess of flags is too likely by chance to act on.
 MIN_IMAGES = 20
@@ -29,18 +29,3 @@ def drift_warning(rate: dict) -> str | None:
     return (f"the alert flagged {flagged} of {images} images today ({flagged / images:.0%}), far above the "
             f"{expected:.0%} its threshold flagged on its calibration images: check the camera and lighting, "
             "and recalibrate on recent labelled images (`dermwatch calibrate`)")
-
-
-def binomial_upper_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), summed in log space so that large n does not overflow."""
-    if p <= 0.0:
-        return 1.0 if k <= 0 else 0.0
-    if p >= 1.0:
-        return 1.0
-    log_p, log_q = math.log(p), math.log1p(-p)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
-             for i in range(k, n + 1)]
-    if not terms:
-        return 0.0
-    top = max(terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))

@@ -18,7 +18,7 @@ from dermwatch.cli import cli
 from dermwatch.config import Settings
 from dermwatch.drift import alert_rate, binomial_upper_tail, drift_warning
 from dermwatch.errors import DataError
-from dermwatch.site_calibration import MIN_MELANOMAS, fit_threshold
+from dermwatch.site_calibration import MIN_MELANOMAS, fit_threshold, melanomas_to_flag
 from dermwatch.store.db import make_engine
 from dermwatch.store.models import Prediction, SiteThreshold
 
@@ -36,16 +36,20 @@ def labelled_folder(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
     return root
 
 
-def test_the_threshold_flags_the_asked_share_of_melanomas() -> None:
-    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.6, 0.3, 0.01, 0.02])
-    is_melanoma = np.array([True] * 10 + [False] * 4)
+def test_the_threshold_flags_the_asked_share_of_new_melanomas_not_just_these() -> None:
+    melanoma_scores = np.linspace(0.95, 0.0, 20)  # 0.95, 0.90, ... 0.0
+    other_scores = np.array([0.9, 0.3, 0.01, 0.02])
+    scores = np.concatenate([melanoma_scores, other_scores])
+    is_melanoma = np.arange(24) < 20
     fit = fit_threshold(scores, is_melanoma, 0.9)
-    assert fit.threshold == 0.1  # the 9th of 10 melanoma scores: 9 of 10 flagged
-    assert fit.sensitivity.value == 0.9 and fit.sensitivity.low <= 0.9 <= fit.sensitivity.high
-    assert fit.specificity.value == 0.5  # 0.6 and 0.3 flagged, 0.01 and 0.02 not
-    assert fit.flag_rate == pytest.approx(11 / 14)
-    only_melanomas = fit_threshold(scores[:10], is_melanoma[:10], 0.9)
-    assert only_melanomas.specificity is None
+    # 18 of 20 would be exactly 90 % of these; 19 is the fewest that new photos reach 90 % with
+    # at least as often as not (P(Binomial(20, 0.9) >= 19) = 0.39).
+    assert melanomas_to_flag(20, 0.9) == 19 and fit.threshold == melanoma_scores[18]
+    assert fit.sensitivity.value == 0.95 and fit.sensitivity.low <= 0.95 <= fit.sensitivity.high
+    assert fit.specificity.value == 0.5  # 0.9 and 0.3 flagged, 0.01 and 0.02 not
+    assert fit.flag_rate == pytest.approx(21 / 24)
+    assert fit_threshold(melanoma_scores, is_melanoma[:20], 0.9).specificity is None
+    assert [melanomas_to_flag(m, 0.9) for m in (10, 54, 100)] == [10, 50, 91]
 
 
 def test_too_few_melanomas_is_refused() -> None:
