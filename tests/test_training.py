@@ -193,6 +193,7 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     float_card = json.loads((run_dir / "export" / "dermwatch-float32.json").read_text())
     assert float_card["export_check"]["top1_agreement"] == 1.0
     assert float_card["export_check"]["max_probability_difference"] < 1e-4
+    assert float_card["training"]["threshold_rule"].endswith("of every data root (the worst root decides)")
     assert "chosen for shipping: dermwatch-" in exported.output
 
 
@@ -300,6 +301,25 @@ def test_melanoma_vs_nevus_auc_ignores_the_easy_negatives() -> None:
     result = summarize(probabilities, y, threshold=0.5)
     assert result["melanoma_roc_auc"] == pytest.approx(4 / 6)
     assert result["melanoma_vs_nevus_auc"] == 0.0
+
+
+def test_the_shipped_threshold_lets_the_worst_root_decide() -> None:
+    from dermwatch.training.metrics import melanoma_threshold, worst_root_threshold
+
+    # Root "ham": its ten melanomas score low (0.05..0.50); root "old": high (0.55..1.0).
+    scores = np.concatenate([np.linspace(0.05, 0.5, 10), np.linspace(0.55, 1.0, 10), [0.3, 0.2]])
+    y = np.array([3] * 20 + [4, 4])
+    roots = ["ham"] * 10 + ["old"] * 10 + ["ham", "old"]
+    probabilities = np.zeros((22, 9))
+    probabilities[:, 3], probabilities[:, 4] = scores, 1 - scores
+    pooled = melanoma_threshold(probabilities, y, 0.9)
+    worst = worst_root_threshold(probabilities, y, roots, 0.9)
+    ham = np.array(roots) == "ham"
+    assert (scores[ham & (y == 3)] >= pooled).mean() < 0.9  # pooled: the HAM root misses melanomas
+    assert worst == pytest.approx(0.10 - 1e-6)  # the 9th of HAM's ten melanoma scores
+    for root in ("ham", "old"):
+        mask = (np.array(roots) == root) & (y == 3)
+        assert (scores[mask] >= worst).mean() >= 0.9
 
 
 def test_class_and_source_balance_trains_and_validation_is_scored_per_root(

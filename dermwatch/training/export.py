@@ -20,11 +20,11 @@ from dermwatch.modelcard import SHIPPED_MODEL_NAME, load_card, write_card
 from dermwatch.pipeline.classifier import Classifier
 from dermwatch.preprocess import RESAMPLE, normalize_colour
 from dermwatch.training.audit import ManifestRow
-from dermwatch.training.calibration import TARGET_SENSITIVITY, calibrate
+from dermwatch.training.calibration import TARGET_SENSITIVITY, WORST_ROOT_RULE, calibrate
 from dermwatch.training.card_html import render_card_html
 from dermwatch.training.data import load_arrays
 from dermwatch.training.evaluate import evaluate_model
-from dermwatch.training.metrics import melanoma_threshold
+from dermwatch.training.metrics import worst_root_threshold
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False,
     picked = [train_rows[i] for i in chosen]
     colour = options.get("colour", "as-is")  # runs from before colour modes have none
     representative = normalize_colour(load_arrays(picked, size)[0], colour)
-    val_images, val_labels = load_arrays([r for r in rows if r.split == "val"], size)
+    val_rows = [r for r in rows if r.split == "val"]
+    val_images, val_labels = load_arrays(val_rows, size)
     val_normalized = normalize_colour(val_images, colour)  # what the Keras model sees; LiteRT gets raw
     temperature = record["temperature"]
     if tta:
@@ -138,7 +139,8 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False,
     training = {key: record[key] for key in (
         "data_fingerprint", "train_images", "val_images", "best_epoch", "wall_seconds", "threshold_rule",
         "options", "history")}
-    training |= {"temperature": temperature, "test_time_augmentation": "mean of 8 flips/turns" if tta else "none"}
+    training |= {"temperature": temperature, "test_time_augmentation": "mean of 8 flips/turns" if tta else "none",
+                 "threshold_rule": WORST_ROOT_RULE}
     training["validation_keras"] = record["validation"]
     paths = []
     for quantization, data in (("float32", None), ("int8", representative)):
@@ -152,7 +154,8 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False,
         val_probabilities = Classifier(path, load_card(path), threads=2).predict(val_images)
         # The threshold is chosen again on what this very file computes: int8 rounding
         # moves probabilities enough to cost sensitivity at the float threshold.
-        document["melanoma_threshold"] = melanoma_threshold(val_probabilities, val_labels, TARGET_SENSITIVITY)
+        document["melanoma_threshold"] = worst_root_threshold(val_probabilities, val_labels,
+                                                              [r.root for r in val_rows], TARGET_SENSITIVITY)
         check = agreement(val_probabilities, reference)
         document["export_check"] = check
         write_card(path, document)

@@ -86,6 +86,22 @@ def melanoma_threshold(probabilities: np.ndarray, y_true: np.ndarray, sensitivit
     return float(scores[needed - 1]) - 1e-6
 
 
+def worst_root_threshold(probabilities: np.ndarray, y_true: np.ndarray, roots: list[str],
+                         sensitivity: float) -> float:
+    """The highest threshold that flags ``sensitivity`` of the melanomas of every root that has any.
+
+    A threshold chosen on pooled validation lets the largest root decide, and a camera whose
+    melanomas score lower (the HAM10000 cameras did) loses half of them. Taking each root's
+    own threshold and keeping the lowest makes the worst root decide.
+    """
+    root_names = np.array(roots)
+    thresholds = [melanoma_threshold(probabilities[root_names == root], y_true[root_names == root], sensitivity)
+                  for root in sorted(set(roots)) if (y_true[root_names == root] == MELANOMA_INDEX).any()]
+    if not thresholds:
+        raise ValueError("no melanoma among the validation images: cannot choose a threshold")
+    return min(thresholds)
+
+
 def summarize(probabilities: np.ndarray, y_true: np.ndarray, threshold: float) -> dict:
     """Every figure the model card reports, for one set of images."""
     y_pred = probabilities.argmax(axis=1)
