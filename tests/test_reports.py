@@ -444,6 +444,30 @@ def test_service_writes_todays_report_on_its_schedule(config_file: Path, start_s
     assert service.stop() == 0
 
 
+def test_todays_report_waits_for_the_end_of_a_burst(config_file: Path, start_service) -> None:
+    config_file.write_text(config_file.read_text() + "[reports]\nquiet_seconds = 2\n")
+    settings = load_settings(config_file)
+    service = start_service()
+    today = datetime.now(settings.reports.timezone).date()
+    report = settings.paths.reports / f"{today.isoformat()}.json"
+    seen: set[int] = set()
+
+    def look() -> None:  # every count a report has shown; a mid-burst one would stay for over 2 s
+        try:
+            seen.add(json.loads(report.read_text())["images"])
+        except (OSError, ValueError):
+            pass
+
+    for i in range(12):  # a burst: one file every 0.5 s, never 2 s apart
+        write_jpeg(settings.paths.intake / f"burst-{i:02d}.jpg", seed=600 + i)
+        for _ in range(5):
+            look()
+            clock.sleep(0.1)
+    wait_until(lambda: look() or 12 in seen, 60, "today's report after the burst")
+    assert seen - {0} == {12}  # (0: the daily report, when the test runs after daily_at)
+    assert service.stop() == 0
+
+
 def test_service_writes_missing_past_reports_at_start_up(berlin_config: Path, start_service) -> None:
     settings = load_settings(berlin_config)
     engine = make_engine(settings.database_url)
