@@ -171,3 +171,31 @@ def start_service(config_file: Path, tmp_path: Path) -> Iterator[Callable[[], Se
             service.process.wait()
         if not service.log.closed:
             service.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    from postgres_server import MISSING, PostgresServer
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise AssertionError(MISSING) from None
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that takes it runs on the embedded SQLite file and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/dermwatch.db"
+    return request.getfixturevalue("postgres_server").new_database()
+
+
+@pytest.fixture
+def any_database_config(config_file: Path, database_url: str) -> Path:
+    """config_file, on the database of ``database_url`` (SQLite and PostgreSQL in turn)."""
+    config_file.write_text(config_file.read_text().replace('url = "sqlite:///dermwatch.db"', f'url = "{database_url}"'))
+    return config_file

@@ -49,7 +49,8 @@ def test_classify_json_and_an_unreadable_file(config_file: Path, tmp_path: Path)
     assert f"error: {bad}: not an image file Pillow can read" in result.stderr
 
 
-def test_process_then_status(config_file: Path, settings: Settings, tmp_path: Path) -> None:
+def test_process_then_status(any_database_config: Path, tmp_path: Path) -> None:
+    config_file = any_database_config
     folder = tmp_path / "batch"
     for i in range(20):
         write_jpeg(folder / f"{i:02d}.jpg", seed=100 + i)

@@ -26,6 +26,13 @@ def processor(settings: Settings) -> Processor:
     return open_processor(settings)
 
 
+@pytest.fixture
+def on_each_database(any_database_config: Path) -> tuple[Processor, Settings]:
+    """A processor and its settings on SQLite, then on PostgreSQL."""
+    settings = load_settings(any_database_config)
+    return open_processor(settings), settings
+
+
 def run_one(processor: Processor, path: Path):
     (outcome,) = processor.process([processor.claim(path)])
     return outcome
@@ -43,7 +50,8 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def test_good_jpeg_is_classified_stored_and_archived(processor: Processor, settings: Settings) -> None:
+def test_good_jpeg_is_classified_stored_and_archived(on_each_database: tuple[Processor, Settings]) -> None:
+    processor, settings = on_each_database
     source = write_jpeg(settings.paths.intake / "lesion 1.jpg", seed=1)
     size = source.stat().st_size
     outcome = run_one(processor, source)
@@ -61,7 +69,8 @@ def test_good_jpeg_is_classified_stored_and_archived(processor: Processor, setti
     assert list(settings.paths.work.iterdir()) == []
 
 
-def test_same_bytes_twice_gives_one_prediction_and_two_sightings(processor: Processor, settings: Settings) -> None:
+def test_same_bytes_twice_gives_one_prediction_and_two_sightings(on_each_database: tuple[Processor, Settings]) -> None:
+    processor, settings = on_each_database
     first = write_jpeg(settings.paths.intake / "a.jpg", seed=2)
     data = first.read_bytes()
     assert run_one(processor, first).status == "classified"
@@ -72,7 +81,8 @@ def test_same_bytes_twice_gives_one_prediction_and_two_sightings(processor: Proc
     assert (counts["images"], counts["sightings"], counts["predictions"], counts["quarantined"]) == (1, 2, 1, 0)
 
 
-def test_same_bytes_twice_in_one_batch(processor: Processor, settings: Settings) -> None:
+def test_same_bytes_twice_in_one_batch(on_each_database: tuple[Processor, Settings]) -> None:
+    processor, settings = on_each_database
     one = write_jpeg(settings.paths.intake / "one.jpg", seed=3)
     two = settings.paths.intake / "two.jpg"
     two.write_bytes(one.read_bytes())
@@ -232,8 +242,9 @@ def test_a_file_that_vanished_before_its_claim_is_skipped(processor: Processor, 
     assert totals(settings) == {"images": 0, "sightings": 0, "predictions": 0, "flagged": 0, "quarantined": 0}
 
 
-def test_recover_finishes_a_committed_arrival_without_counting_it_twice(processor: Processor,
-                                                                        settings: Settings) -> None:
+def test_recover_finishes_a_committed_arrival_without_counting_it_twice(
+        on_each_database: tuple[Processor, Settings]) -> None:
+    processor, settings = on_each_database
     source = write_jpeg(settings.paths.intake / "c.jpg", seed=12)
     item = processor.claim(source)
     processor.process([item])
@@ -248,14 +259,16 @@ def test_recover_finishes_a_committed_arrival_without_counting_it_twice(processo
     assert archived.is_file() and not item.work_path.exists()
 
 
-def test_one_sighting_per_arrival_is_recorded_with_its_time(processor: Processor, settings: Settings) -> None:
+def test_one_sighting_per_arrival_is_recorded_with_its_time(on_each_database: tuple[Processor, Settings]) -> None:
+    processor, settings = on_each_database
     run_one(processor, write_jpeg(settings.paths.intake / "d.jpg", seed=13))
     with Session(processor.engine) as session:
         sighting = session.scalars(select(Sighting)).one()
         assert sighting.received_at.tzinfo is not None
 
 
-def test_the_same_image_for_two_patients_keeps_both_references(processor: Processor, settings: Settings) -> None:
+def test_the_same_image_for_two_patients_keeps_both_references(on_each_database: tuple[Processor, Settings]) -> None:
+    processor, settings = on_each_database
     first = write_jpeg(settings.paths.intake / "a.jpg", seed=20)
     data = first.read_bytes()
     (settings.paths.intake / "a.json").write_text('{"patient_reference": "P-1", "notes": "first"}')

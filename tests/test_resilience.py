@@ -181,9 +181,10 @@ def test_a_second_service_on_the_same_installation_refuses_at_once(config_file: 
     assert status_json(config_file)["service"] == "not running"
 
 
-def test_process_beside_the_running_service_sends_no_alert_twice(config_file: Path, tiny_model: Path,
+def test_process_beside_the_running_service_sends_no_alert_twice(any_database_config: Path, tiny_model: Path,
                                                                  flag_everything_model: Path, start_service,
                                                                  tmp_path: Path) -> None:
+    config_file = any_database_config
     sent = tmp_path / "alerts.log"
     config_file.write_text(
         config_file.read_text().replace(str(tiny_model), str(flag_everything_model))

@@ -37,7 +37,8 @@ def test_ready_is_sent_over_notify_socket_and_sigterm_exits_zero(start_service, 
     assert service.stop() == 0
 
 
-def test_burst_of_200_images_gives_200_predictions(start_service, settings: Settings) -> None:
+def test_burst_of_200_images_gives_200_predictions(start_service, any_database_config: Path) -> None:
+    settings = load_settings(any_database_config)
     service = start_service()
     for i in range(200):
         write_jpeg(settings.paths.intake / f"burst-{i:03d}.jpg", seed=1000 + i)
@@ -109,8 +110,19 @@ def test_files_already_waiting_are_taken_by_the_startup_scan(start_service, sett
 
 
 @pytest.mark.parametrize("kill_after", [3, 25, 60, 110], ids=lambda n: f"after-{n}")
-def test_kill_9_mid_burst_then_restart_processes_every_image_exactly_once(start_service, settings: Settings,
+def test_kill_9_mid_burst_then_restart_processes_every_image_exactly_once(start_service, config_file: Path,
                                                                           kill_after: int) -> None:
+    kill_mid_burst_and_restart(start_service, load_settings(config_file), kill_after)
+
+
+def test_kill_9_mid_burst_on_postgresql_loses_and_doubles_nothing(start_service, config_file: Path,
+                                                                   postgres_server) -> None:
+    url = postgres_server.new_database()
+    config_file.write_text(config_file.read_text().replace('url = "sqlite:///dermwatch.db"', f'url = "{url}"'))
+    kill_mid_burst_and_restart(start_service, load_settings(config_file), kill_after=25)
+
+
+def kill_mid_burst_and_restart(start_service, settings: Settings, kill_after: int) -> None:
     service = start_service()
     total = 150
     writer = threading.Thread(

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dermwatch.cli import cli
-from dermwatch.config import Settings
+from dermwatch.config import load_settings
 from dermwatch.drift import alert_rate, binomial_upper_tail, drift_warning
 from dermwatch.errors import DataError
 from dermwatch.site_calibration import MIN_MELANOMAS, fit_threshold, melanomas_to_flag
@@ -71,11 +71,8 @@ def test_calibrate_rejects_a_folder_that_is_not_a_diagnosis(config_file: Path, t
     assert result.exit_code == 1 and "folder name 'moles' is not one of the nine diagnoses" in result.stderr
 
 
-def test_after_calibration_every_part_uses_the_site_threshold(config_file: Path, settings: Settings,
-                                                              tmp_path: Path) -> None:
-    before = json.loads(invoke("status", "--config", str(config_file), "--json").stdout) \
-        if (tmp_path / "dermwatch.db").exists() else None
-    assert before is None  # nothing set up yet: calibrating is the first thing a site may do
+def test_after_calibration_every_part_uses_the_site_threshold(any_database_config: Path, tmp_path: Path) -> None:
+    config_file, settings = any_database_config, load_settings(any_database_config)
     source = labelled_folder(tmp_path / "site", {"melanoma": 12, "nevus": 15, "basal_cell_carcinoma": 3})
     (source / "labels.csv").write_text("image_id,label\n")  # as data sets often carry beside their folders
     result = invoke("calibrate", str(source), "--sensitivity", "0.9", "--config", str(config_file))
@@ -134,7 +131,8 @@ def test_after_calibration_every_part_uses_the_site_threshold(config_file: Path,
 
 
 def test_outcomes_are_matched_by_name_or_sha256_listed_when_unknown_and_imported_once(
-        config_file: Path, settings: Settings, tmp_path: Path) -> None:
+        any_database_config: Path, tmp_path: Path) -> None:
+    config_file, settings = any_database_config, load_settings(any_database_config)
     folder = tmp_path / "clinic"
     names = [write_jpeg(folder / f"lesion-{i}.jpg", seed=200 + i).name for i in range(6)]
     assert invoke("process", "--config", str(config_file), str(folder)).exit_code == 0

@@ -14,16 +14,16 @@ from dermwatch.store.db import alembic_config, current_revision, head_revision, 
 from dermwatch.store.models import Base
 
 
-def test_migrations_build_exactly_the_models(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path}/a.db")
+def test_migrations_build_exactly_the_models(database_url: str) -> None:
+    engine = make_engine(database_url)
     upgrade(engine)
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     assert current_revision(engine) == head_revision()
 
 
-def test_downgrade_to_base_and_up_again(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path}/b.db")
+def test_downgrade_to_base_and_up_again(database_url: str) -> None:
+    engine = make_engine(database_url)
     upgrade(engine)
     config = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
@@ -42,8 +42,8 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
         assert connection.execute(text("PRAGMA busy_timeout")).scalar() == 30000
 
 
-def test_upgrading_to_0003_gives_each_image_sidecar_to_its_first_arrival(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path}/d.db")
+def test_upgrading_to_0003_gives_each_image_sidecar_to_its_first_arrival(database_url: str) -> None:
+    engine = make_engine(database_url)
     config = alembic_config(engine.url.render_as_string(hide_password=False))
     command.upgrade(config, "0002")
     with engine.begin() as connection:
@@ -58,9 +58,14 @@ def test_upgrading_to_0003_gives_each_image_sidecar_to_its_first_arrival(tmp_pat
     command.upgrade(config, "head")
     with engine.connect() as connection:
         rows = connection.execute(text("SELECT claim, sidecar FROM sightings ORDER BY id")).all()
-    assert [(claim, json.loads(sidecar) if sidecar else None) for claim, sidecar in rows] == [
+    assert [(claim, as_json(sidecar)) for claim, sidecar in rows] == [
         ("first", {"patient_reference": "P-1"}), ("again", None)]
     command.downgrade(config, "0002")
     with engine.connect() as connection:
         restored = connection.execute(text("SELECT sidecar FROM images")).scalar()
-    assert json.loads(restored) == {"patient_reference": "P-1"}
+    assert as_json(restored) == {"patient_reference": "P-1"}
+
+
+def as_json(value):
+    """A JSON column read back with raw SQL: text from SQLite, already parsed from PostgreSQL."""
+    return json.loads(value) if isinstance(value, str) else value
