@@ -234,6 +234,22 @@ def test_pictures_keep_their_aspect_ratio_in_real_chromium(day_of_images, tmp_pa
         assert shown_width / shown_height == pytest.approx(width / height, rel=0.02)
 
 
+def test_every_printed_page_names_the_site_and_the_day(day_of_images, tmp_path: Path) -> None:
+    from pypdf import PdfReader
+
+    assert shutil.which("chromium"), "this test needs Debian's chromium (apt-get install chromium; .ci/run does)"
+    _, reporter = day_of_images
+    html = reporter.render(DAY).html
+    pdf = tmp_path / "report.pdf"
+    printed = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              f"--user-data-dir={tmp_path / 'profile'}", "--no-pdf-header-footer",
+                              f"--print-to-pdf={pdf}", html.as_uri()], capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    pages = [page.extract_text() for page in PdfReader(pdf).pages]
+    assert len(pages) >= 2
+    assert all("Praxis Süd · dermoscopy report 2026-03-14" in text for text in pages)
+
+
 def test_schedule_rules() -> None:
     settings = ReportSettings(site_name="x", timezone=BERLIN, daily_at=time(18, 0), refresh_minutes=15,
                               quiet_seconds=30)
