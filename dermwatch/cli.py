@@ -83,27 +83,15 @@ def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
 
     Files are moved into the archive (or quarantine), exactly as from the intake folder.
     """
-    from dermwatch.errors import TransientFault, as_transient
     from dermwatch.pipeline.process import open_processor
 
     settings = load_settings(config_path)
     processor = open_processor(settings)
-    files = _collect(paths)
-    outcomes = []
-    with click.progressbar(length=len(files), label="classifying", file=sys.stderr) as bar:
-        for start in range(0, len(files), settings.model.batch_size):
-            batch = files[start : start + settings.model.batch_size]
-            try:
-                claimed = [c for c in map(processor.claim, batch) if c is not None]
-                outcomes += processor.process(claimed)
-            except Exception as error:
-                fault = as_transient(error)
-                if fault is None:
-                    raise
-                raise TransientFault(f"{fault}; stopped after {len(outcomes)} file(s). Files already taken "
-                                     f"wait in {settings.paths.work} and are finished when the service next "
-                                     "starts; run this again for the rest") from error
-            bar.update(len(batch))
+    try:
+        outcomes, files = _process_files(settings, processor, _collect(paths))
+    finally:
+        if processor.membership is not None:  # PostgreSQL: signed off, so nobody waits out its lease
+            processor.membership.leave()
     if settings.alerts.channels:
         from dermwatch.alerts import send_pending
 
@@ -116,6 +104,30 @@ def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
     summary = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items())) or "no image files found"
     not_taken = f", {vanished} not taken (vanished, or could not be moved: see the log)" if vanished else ""
     click.echo(f"{summary}{not_taken}")
+
+
+def _process_files(settings: Settings, processor, files: list[Path]) -> tuple[list, list[Path]]:
+    """Claim and process ``files`` batch by batch, with a progress bar; a passing fault stops it."""
+    from dermwatch.errors import TransientFault, as_transient
+
+    outcomes = []
+    with click.progressbar(length=len(files), label="classifying", file=sys.stderr) as bar:
+        for start in range(0, len(files), settings.model.batch_size):
+            batch = files[start : start + settings.model.batch_size]
+            try:
+                if processor.membership is not None:
+                    processor.membership.beat(may_lead=False)  # alive, so no worker takes this batch over
+                claimed = [c for c in map(processor.claim, batch) if c is not None]
+                outcomes += processor.process(claimed)
+            except Exception as error:
+                fault = as_transient(error)
+                if fault is None:
+                    raise
+                raise TransientFault(f"{fault}; stopped after {len(outcomes)} file(s). Files already taken "
+                                     f"wait in {processor.work_dir} and are finished when the service next "
+                                     "starts; run this again for the rest") from error
+            bar.update(len(batch))
+    return outcomes, files
 
 
 @cli.command()
@@ -225,14 +237,13 @@ def status(config_path: Path | None, as_json: bool) -> None:
     from dermwatch.modelcard import load_card, shipped_model_path
     from dermwatch.store.db import current_revision, head_revision, make_engine
     from dermwatch.store.queries import alert_counts, counts
-    from dermwatch.watcher.instance import holder
 
     settings = load_settings(config_path)
     engine = make_engine(settings.database_url, create=False)
     revision = current_revision(engine)
     current = revision == head_revision()
     report: dict = {"config": str(settings.source) if settings.source else None}
-    report |= _service_state(settings, holder(settings))
+    report |= _service_state(settings, engine, current)
     report |= counts(engine) if revision else dict.fromkeys(
         ("images", "sightings", "predictions", "flagged", "quarantined"), 0)
     report["pending"] = _pending(settings)
@@ -282,28 +293,53 @@ def _last_report(settings: Settings) -> str | None:
     return datetime.fromtimestamp(max(written), settings.reports.timezone).isoformat(timespec="seconds")
 
 
-def _service_state(settings: Settings, pid: int | None) -> dict:
-    """Running or not; while running, the passing faults it is waiting out (state/service.json)."""
-    from dermwatch.watcher.health import STATUS_FILE
+def _service_state(settings: Settings, engine, current: bool) -> dict:
+    """Running or not; while running, the passing faults it is waiting out (its status file).
 
-    if pid is None:
-        return {"service": "not running", "faults": {}}
-    published: dict = {}
+    On PostgreSQL, every worker sharing the database, with its heartbeat and whether it leads.
+    """
+    from dermwatch.pipeline.workers import cooperative, worker_rows
+    from dermwatch.watcher.health import STATUS_FILE, worker_status_file
+    from dermwatch.watcher.instance import holder
+
+    if not cooperative(settings.database_url):
+        pid = holder(settings)
+        if pid is None:
+            return {"service": "not running", "faults": {}}
+        published = _published(settings.paths.state / STATUS_FILE)
+        return {"service": f"running (PID {pid})", "service_status": published.get("status"),
+                "faults": published.get("faults", {})}
+    workers = worker_rows(engine, settings.worker_lease_seconds) if current else []
+    alive = [w for w in workers if w["state"] == "alive"]
+    faults = {}
+    for worker in alive:
+        published = _published(settings.paths.state / worker_status_file(worker["id"]))
+        faults |= {f"{worker['id']}: {part}": fault for part, fault in published.get("faults", {}).items()}
+    return {"service": f"{len(alive)} worker(s) running" if alive else "not running", "workers": workers,
+            "faults": faults}
+
+
+def _published(path: Path) -> dict:
     for _ in range(3):  # rewritten in place by the service: a read may catch it mid-write
         try:
-            published = json.loads((settings.paths.state / STATUS_FILE).read_text())
-            break
+            return json.loads(path.read_text())
         except (OSError, ValueError):
             time.sleep(0.05)
-    return {"service": f"running (PID {pid})", "service_status": published.get("status"),
-            "faults": published.get("faults", {})}
+    return {}
 
 
 def _pending(settings: Settings) -> int:
-    """Files waiting in the intake folder, plus arrivals not yet finished in state/work/."""
+    """Files waiting in the intake folder, plus arrivals not yet finished in state/work/
+    (each worker's own folder in it included)."""
+    from dermwatch.pipeline.workers import WORKER_PREFIX
+
     waiting = sum(1 for _ in iter_candidates(settings.paths.intake))
     if settings.paths.work.is_dir():
-        waiting += sum(1 for p in settings.paths.work.iterdir() if not p.name.endswith(".json"))
+        for entry in settings.paths.work.iterdir():
+            if entry.name.startswith(WORKER_PREFIX):
+                waiting += sum(1 for _ in entry.iterdir())
+            elif not entry.name.endswith(".json"):
+                waiting += 1
     return waiting
 
 

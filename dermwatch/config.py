@@ -28,7 +28,7 @@ POLLING_SETTLE_SECONDS = 5.0
 #: Every section and key, with its default. The shipped config.toml documents the same.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "paths": {"intake": "var/intake", "state": "var/state", "reports": "var/reports"},
-    "database": {"url": "sqlite:///var/dermwatch.db", "busy_timeout_seconds": 30.0},
+    "database": {"url": "sqlite:///var/dermwatch.db", "busy_timeout_seconds": 30.0, "worker_lease_seconds": 30.0},
     "model": {"path": "", "threads": 2, "batch_size": 16},
     "watcher": {
         "settle_seconds": 1.0,
@@ -124,6 +124,7 @@ class Settings:
     paths: PathSettings
     database_url: str
     busy_timeout_seconds: float  # SQLite: how long a write waits for a lock before the service backs off
+    worker_lease_seconds: float  # PostgreSQL: a worker silent this long is dead; others finish its files
     model: ModelSettings
     watcher: WatcherSettings
     max_pixels: int
@@ -197,6 +198,7 @@ def _build(values: dict[str, dict[str, Any]], base: Path, source: Path | None) -
         paths=PathSettings(**{key: _resolve(base, paths[key]) for key in ("intake", "state", "reports")}),
         database_url=_database_url(values["database"]["url"], base),
         busy_timeout_seconds=values["database"]["busy_timeout_seconds"],
+        worker_lease_seconds=values["database"]["worker_lease_seconds"],
         model=ModelSettings(
             path=_resolve(base, model["path"]) if model["path"] else None,
             threads=model["threads"],

@@ -43,6 +43,7 @@ from dermwatch.pipeline.classifier import Classifier, load_classifier
 from dermwatch.pipeline.decode import DecodedImage, read_model_input
 from dermwatch.pipeline.names import display_name, fitted_name, name_bytes
 from dermwatch.pipeline.sidecar import read_sidecar
+from dermwatch.pipeline.workers import Membership, cooperative
 from dermwatch.store.db import ensure_schema, make_engine, session_scope
 from dermwatch.store.models import Alert, Image, Prediction, Rejection, Sighting, probability_column, utc_now
 from dermwatch.threshold import threshold_in_force
@@ -77,8 +78,10 @@ class Processor:
     """Holds what every image needs: folders, database, classifier, limits."""
 
     def __init__(self, paths: PathSettings, engine: Engine, classifier: Classifier, max_pixels: int,
-                 alert_channels: tuple[str, ...] = (), zone: ZoneInfo | timezone = timezone.utc) -> None:
+                 alert_channels: tuple[str, ...] = (), zone: ZoneInfo | timezone = timezone.utc,
+                 work_dir: Path | None = None) -> None:
         self.paths = paths
+        self.work_dir = work_dir or paths.work  # a worker's own folder when several share the state folder
         self.alert_channels = alert_channels
         self.engine = engine
         self.sessions = sessionmaker(engine, expire_on_commit=False)
@@ -86,20 +89,21 @@ class Processor:
         self.max_pixels = max_pixels
         self.zone = zone  # archive folders are named by the site's local date
         self.umask = process_umask()
+        self.membership: Membership | None = None
 
     def claim(self, path: Path) -> Claimed | None:
         """Take ``path`` into state/work/; None if it vanished or cannot be moved (recorded once)."""
         try:
-            return claim(path, self.paths.work)
+            return claim(path, self.work_dir)
         except Unmovable as error:
             self._record_unmovable(path, str(error))
             return None
 
     def leftovers(self) -> list[Claimed]:
         """Arrivals an interrupted run left in state/work/, to be resumed."""
-        left = reclaim(self.paths.work)
+        left = reclaim(self.work_dir)
         if left:
-            log.warning("finishing %d file(s) left in %s by an interrupted run", len(left), self.paths.work)
+            log.warning("finishing %d file(s) left in %s by an interrupted run", len(left), self.work_dir)
         return left
 
     def recover(self) -> list[Outcome]:
@@ -311,13 +315,21 @@ class Processor:
 
 
 def open_processor(settings: Settings) -> Processor:
-    """Check the database, load the model, create the folders: what `run` and `process` share."""
+    """Check the database, load the model, create the folders: what `run` and `process` share.
+
+    On PostgreSQL the processor joins the workers (``processor.membership``) and claims into
+    its own folder of state/work/.
+    """
     engine = make_engine(settings.database_url, settings.busy_timeout_seconds)
     ensure_schema(engine)
     classifier = load_classifier(settings.model.path, settings.model.threads)
     ensure_folders(settings)
-    return Processor(settings.paths, engine, classifier, settings.max_pixels, settings.alerts.channels,
-                     settings.reports.timezone)
+    membership = Membership(engine, settings.paths.work, settings.worker_lease_seconds) \
+        if cooperative(settings.database_url) else None
+    processor = Processor(settings.paths, engine, classifier, settings.max_pixels, settings.alerts.channels,
+                          settings.reports.timezone, work_dir=membership.work_dir if membership else None)
+    processor.membership = membership
+    return processor
 
 
 def _blame(error: Exception) -> str:

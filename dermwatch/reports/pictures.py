@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +29,29 @@ BORDER_LUMINANCE = 40
 _MELANOMA = CLASS_NAMES.index(MELANOMA)
 
 
+class RenderInterrupted(Exception):
+    """The service is stopping: a report half made is dropped, never written."""
+
+
 class Pictures:
     """Makes and caches the inline pictures of a report."""
 
-    def __init__(self, cache_dir: Path, classifier: Classifier | None, max_pixels: int) -> None:
+    def __init__(self, cache_dir: Path, classifier: Classifier | None, max_pixels: int,
+                 stopping: threading.Event | None = None) -> None:
         self.cache_dir = cache_dir
         self.classifier = classifier
         self.max_pixels = max_pixels
+        self.stopping = stopping  # heatmaps of a large day take a while: a stop must not wait for them
+
+    def _check_stopping(self) -> None:
+        if self.stopping is not None and self.stopping.is_set():
+            raise RenderInterrupted
 
     def thumbnail(self, archive_path: str, sha256: str, side: int = THUMBNAIL_SIDE) -> str | None:
         """A data: URI of a JPEG at most ``side`` px on a side, without any metadata; None if the file is gone."""
         cached = self.cache_dir / f"thumbnails-{side}" / f"{sha256}.jpg"
         if not cached.exists():
+            self._check_stopping()
             source = Path(archive_path)
             if not source.is_file():
                 return None
@@ -54,6 +66,7 @@ class Pictures:
             return None
         cached = self.cache_dir / "occlusion" / model_sha256[:16] / f"{sha256}.jpg"
         if not cached.exists():
+            self._check_stopping()
             source = Path(archive_path)
             if not source.is_file():
                 return None

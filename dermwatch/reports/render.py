@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import threading
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -171,11 +172,12 @@ def neutralised(value):
 class Reporter:
     """What rendering needs, opened once: database, model card, picture cache, settings."""
 
-    def __init__(self, settings: Settings, engine: Engine, classifier: Classifier | None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, classifier: Classifier | None,
+                 stopping: threading.Event | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.card = classifier.card if classifier is not None else None
-        self.pictures = Pictures(settings.paths.state / "cache", classifier, settings.max_pixels)
+        self.pictures = Pictures(settings.paths.state / "cache", classifier, settings.max_pixels, stopping)
 
     def render(self, day: date) -> Rendered:
         reports = self.settings.reports

@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -111,18 +111,40 @@ def upgrade(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
+#: pg_advisory_lock key that serialises schema set-up: "dmschema" as a 64-bit integer.
+_SCHEMA_LOCK = 0x646D736368656D61
+
+
+@contextmanager
+def _schema_lock(engine: Engine) -> Iterator[None]:
+    """On PostgreSQL, one process at a time sets up the schema: workers starting together
+    on an empty database would otherwise both create it. SQLite needs nothing: one service."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK})
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _SCHEMA_LOCK})
+            connection.commit()
+
+
 def ensure_schema(engine: Engine) -> None:
     """Create the schema in an empty database; refuse one at an older revision.
 
     A new database is set up on first start so that the service runs on its defaults;
     an existing one is never migrated behind the operator's back.
     """
-    current = current_revision(engine)
-    if current == head_revision():
-        return
-    if current is None and not inspect(engine).get_table_names():
-        upgrade(engine)
-        return
+    with _schema_lock(engine):
+        current = current_revision(engine)
+        if current == head_revision():
+            return
+        if current is None and not inspect(engine).get_table_names():
+            upgrade(engine)
+            return
     raise DatabaseError(
         f"database schema is at revision {current or 'none'}, this version needs {head_revision()}: "
         "run `dermwatch db upgrade` (back up the database first)"

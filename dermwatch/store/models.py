@@ -213,3 +213,21 @@ class Review(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), unique=True)
     reviewer: Mapped[str] = mapped_column(Text)
     reviewed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Worker(Base):
+    """One `dermwatch run` (or `process`) sharing a PostgreSQL database with others.
+
+    Its heartbeat is its lease: a worker silent for longer than the lease is dead, and
+    another takes over the files it had claimed.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    leading: Mapped[bool] = mapped_column(Boolean, default=False)  # writes reports and sends alerts
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

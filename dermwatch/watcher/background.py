@@ -17,6 +17,7 @@ from dermwatch.config import Settings
 from dermwatch.errors import as_transient
 from dermwatch.pipeline.classifier import load_classifier
 from dermwatch.reports.day import days_with_data
+from dermwatch.reports.pictures import RenderInterrupted
 from dermwatch.reports.render import Reporter
 from dermwatch.store.models import utc_now
 from dermwatch.watcher.health import Backoff, Health
@@ -76,7 +77,7 @@ class ReportWorker(_Worker):
     def prepare(self) -> None:
         # Interpreters are not shared between threads: this one serves the heatmaps.
         classifier = load_classifier(self.settings.model.path, threads=1)
-        self.reporter = Reporter(self.settings, self.engine, classifier)
+        self.reporter = Reporter(self.settings, self.engine, classifier, stopping=self.stop)
         self.schedule = ReportSchedule(self.settings.reports, rendered_times(self.settings.paths.reports))
 
     def round(self) -> None:
@@ -86,7 +87,10 @@ class ReportWorker(_Worker):
             self.latest[day] = max(latest, self.latest.get(day, latest))
         self.checked_at = now
         for day in self.schedule.due(now, self.latest):
-            rendered = self.reporter.render(day)
+            try:
+                rendered = self.reporter.render(day)
+            except RenderInterrupted:
+                return  # stopping: the next start renders it, as the report is older than its arrivals
             self.schedule.mark(day, now - COMMIT_MARGIN)
             if day == now.astimezone(self.settings.reports.timezone).date():
                 self.health.warn("alert rate", rendered.drift_warning)

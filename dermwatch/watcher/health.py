@@ -20,6 +20,11 @@ from dermwatch.store.models import utc_now
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "service.json"
+
+
+def worker_status_file(worker_id: str) -> str:
+    """Each of several workers sharing a state folder publishes its own status file."""
+    return f"service-{worker_id}.json"
 #: Fixed size of the status file: rewritten in place, never grown.
 STATUS_FILE_BYTES = 8192
 
@@ -32,7 +37,8 @@ class Fault:
 
 
 class Health:
-    def __init__(self) -> None:
+    def __init__(self, status_file: str = STATUS_FILE) -> None:
+        self.status_file = status_file
         self._faults: dict[str, Fault] = {}
         self._warnings: dict[str, str] = {}  # not faults: the service works, but someone should look
         self._lock = threading.Lock()
@@ -91,11 +97,11 @@ class Health:
         data = json.dumps(document).encode()[:STATUS_FILE_BYTES - 1]
         try:
             if self._status_fd is None:
-                self._status_fd = os.open(state_dir / STATUS_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+                self._status_fd = os.open(state_dir / self.status_file, os.O_RDWR | os.O_CREAT, 0o666)
                 os.pwrite(self._status_fd, b" " * STATUS_FILE_BYTES, 0)
             os.pwrite(self._status_fd, data.ljust(STATUS_FILE_BYTES - 1) + b"\n", 0)
         except OSError as error:
-            log.debug("cannot write %s: %s", state_dir / STATUS_FILE, error)
+            log.debug("cannot write %s: %s", state_dir / self.status_file, error)
 
     def close(self) -> None:
         if self._status_fd is not None:

@@ -34,7 +34,10 @@ class Notifier:
             return
         message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
         try:
-            self._socket.sendto(message, self._address)
+            # Never blocks: a listener that stops reading must not stall intake.
+            self._socket.sendto(message, socket.MSG_DONTWAIT, self._address)
+        except BlockingIOError:
+            log.debug("systemd's notify socket is full; dropped %s", message[:60])
         except OSError as error:
             log.warning("cannot notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), error)
 

@@ -26,10 +26,11 @@ from dermwatch.errors import TransientFault, as_transient
 from dermwatch.pipeline.claim import Claimed, is_sidecar
 from dermwatch.pipeline.late_sidecar import settle_sidecar
 from dermwatch.pipeline.process import Processor, open_processor
+from dermwatch.pipeline.workers import Membership, cooperative
 from dermwatch.store.db import make_engine
 from dermwatch.store.queries import counts
 from dermwatch.watcher.background import AlertWorker, ReportWorker
-from dermwatch.watcher.health import Backoff, Health
+from dermwatch.watcher.health import STATUS_FILE, Backoff, Health, worker_status_file
 from dermwatch.watcher.instance import InstanceLock
 from dermwatch.watcher.notify import Notifier
 from dermwatch.watcher.observer import scan, start_observer
@@ -49,10 +50,13 @@ STATUS_BUSY_TIMEOUT_SECONDS = 1.0
 def run_service(settings: Settings) -> None:
     stop = threading.Event()
     _on_signals(stop)
-    lock = InstanceLock(settings)
+    # SQLite: one service per installation. PostgreSQL: any number of workers, each in its own
+    # state/work/ folder (pipeline/workers.py).
+    lock = None if cooperative(settings.database_url) else InstanceLock(settings)
     notifier = Notifier()
     processor = open_processor(settings)
-    health = Health()
+    membership = processor.membership
+    health = Health(worker_status_file(membership.id) if membership else STATUS_FILE)
     intake = Intake(settings, processor, health)
     status_engine = make_engine(settings.database_url, STATUS_BUSY_TIMEOUT_SECONDS)
 
@@ -63,11 +67,12 @@ def run_service(settings: Settings) -> None:
     workers = [ReportWorker(settings, processor.engine, stop, health)]
     if settings.alerts.channels:
         workers.append(AlertWorker(settings, processor.engine, stop, health))
-    for worker in workers:
-        worker.start()
+    if membership is None:
+        for worker in workers:
+            worker.start()
     notifier.send(READY="1", STATUS=f"watching {settings.paths.intake}")
 
-    heartbeat = min(notifier.watchdog_interval() or 10.0, 10.0)
+    heartbeat = min(notifier.watchdog_interval() or 10.0, 10.0, settings.worker_lease_seconds / 3)
     next_scan = time.monotonic() + settings.watcher.rescan_seconds
     next_beat = 0.0
     try:
@@ -77,9 +82,11 @@ def run_service(settings: Settings) -> None:
                 scan(settings.paths.intake, intake.tracker)
                 next_scan = now + settings.watcher.rescan_seconds
             if now >= next_beat:
-                for thread in (observer, *workers):
+                for thread in (observer, *(w for w in workers if w.ident is not None)):
                     if not thread.is_alive():
                         raise RuntimeError(f"the {thread.name} thread died")
+                if membership is not None:
+                    _cooperate(membership, intake, workers, health)
                 line = _status_line(status_engine, intake, health)
                 notifier.send(WATCHDOG="1", STATUS=line)
                 health.publish(settings.paths.state, line)
@@ -92,15 +99,42 @@ def run_service(settings: Settings) -> None:
         notifier.send(STOPPING="1", STATUS="stopping")
         stop.set()
         observer.stop()
-        for thread in (observer, *workers):
+        for thread in (observer, *(w for w in workers if w.ident is not None)):
             thread.join(timeout=30)
         health.publish(settings.paths.state, "stopped")
         health.close()
+        if membership is not None:
+            _guarded_leave(membership)
+            (settings.paths.state / health.status_file).unlink(missing_ok=True)
         notifier.close()
         processor.engine.dispose()
         status_engine.dispose()
-        lock.release()
+        if lock is not None:
+            lock.release()
     log.info("stopped")
+
+
+def _cooperate(membership: Membership, intake: Intake, workers: list, health: Health) -> None:
+    """Renew this worker's lease, lead if nobody does, and take over the files of dead workers."""
+    try:
+        membership.beat()
+        intake.in_hand += membership.take_over()
+    except Exception as error:  # noqa: BLE001 - waited out like any passing fault
+        fault = as_transient(error) or f"{type(error).__name__}: {error}"
+        health.failing("workers", str(fault), 0)
+        return
+    health.recovered("workers")
+    if membership.leading:
+        for worker in workers:
+            if worker.ident is None:
+                worker.start()
+
+
+def _guarded_leave(membership: Membership) -> None:
+    try:
+        membership.leave()
+    except Exception as error:  # noqa: BLE001 - the lease runs out by itself
+        log.warning("could not sign off as a worker (%s); others take over after the lease", error)
 
 
 class Intake:
