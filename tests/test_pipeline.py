@@ -66,7 +66,7 @@ def test_good_jpeg_is_classified_stored_and_archived(on_each_database: tuple[Pro
         assert sum(prediction.probabilities().values()) == pytest.approx(1.0, abs=1e-4)
         assert prediction.model_sha256 == processor.classifier.card.sha256
         assert prediction.flagged == (prediction.melanoma_score >= 0.5)
-    assert list(settings.paths.work.iterdir()) == []
+    assert list(processor.work_dir.iterdir()) == []
 
 
 def test_same_bytes_twice_gives_one_prediction_and_two_sightings(on_each_database: tuple[Processor, Settings]) -> None:
