@@ -16,11 +16,11 @@ from sqlalchemy import select
 
 from dermwatch.errors import RejectedImage
 from dermwatch.pipeline.claim import PLACED_NAME_MAX, is_sidecar, is_taken, new_token, place
-from dermwatch.pipeline.names import display_name, fitted_name, name_bytes
-from dermwatch.pipeline.process import Processor
+from dermwatch.pipeline.names import display_name, fitted_name
+from dermwatch.pipeline.process import Processor, rejection
 from dermwatch.pipeline.sidecar import read_sidecar
 from dermwatch.store.db import session_scope
-from dermwatch.store.models import Image, Rejection, Sighting, utc_now
+from dermwatch.store.models import Image, Sighting, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,7 @@ def _reject(processor: Processor, path: Path, reason: str) -> None:
     token = new_token()
     name = fitted_name(f"{token}-", path.name, PLACED_NAME_MAX)
     with session_scope(processor.sessions) as session:
-        session.add(Rejection(claim=token, original_name=display_name(path.name),
-                              original_name_bytes=name_bytes(path.name), sha256=None, bytes=path.lstat().st_size,
-                              reason=reason, rejected_at=utc_now(),
-                              quarantine_path=str(processor.paths.quarantine / name)))
+        session.add(rejection(token, path.name, reason, processor.paths.quarantine / name, size=path.lstat().st_size))
     place(path, processor.paths.quarantine, name, processor.umask)
     log.warning("%s: rejected: %s", display_name(path.name), reason)
 

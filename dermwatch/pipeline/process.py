@@ -258,16 +258,9 @@ class Processor:
         item = arrival.item
         with session_scope(self.sessions) as session:
             session.add(
-                Rejection(
-                    claim=item.token,
-                    original_name=arrival.name,
-                    original_name_bytes=name_bytes(item.original_name),
-                    sha256=arrival.sha256,
-                    bytes=len(arrival.data) if arrival.sha256 else None,
-                    reason=reason,
-                    rejected_at=arrival.received_at,
-                    quarantine_path=str(self.paths.quarantine / _quarantine_name(item)),
-                )
+                rejection(item.token, item.original_name, reason, self.paths.quarantine / _quarantine_name(item),
+                          sha256=arrival.sha256, size=len(arrival.data) if arrival.sha256 else None,
+                          at=arrival.received_at)
             )
         self._quarantine(item)
         log.warning("%s: rejected: %s", arrival.name, reason)
@@ -288,9 +281,7 @@ class Processor:
                 .where(Rejection.bytes.is_(None) if size is None else Rejection.bytes == size)
             )
             if known is None:
-                session.add(Rejection(claim=new_token(), original_name=display_name(path.name),
-                                      original_name_bytes=name_bytes(path.name), sha256=None, bytes=size,
-                                      reason=reason, rejected_at=utc_now(), quarantine_path=shown))
+                session.add(rejection(new_token(), path.name, reason, shown, size=size))
         if known is None:
             log.error("%s: %s", shown, reason)
 
@@ -354,6 +345,13 @@ def _guarded(step):
         if transient is None:
             raise
         raise transient from error
+
+
+def rejection(claim: str, raw_name: str, reason: str, where: Path | str, *, sha256: str | None = None,
+              size: int | None = None, at: datetime | None = None) -> Rejection:
+    """The row that says why one arrival was not classified, and where the file is now."""
+    return Rejection(claim=claim, original_name=display_name(raw_name), original_name_bytes=name_bytes(raw_name),
+                     sha256=sha256, bytes=size, reason=reason, rejected_at=at or utc_now(), quarantine_path=str(where))
 
 
 def _quarantine_name(item: Claimed) -> str:
