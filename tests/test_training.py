@@ -303,6 +303,26 @@ def test_melanoma_vs_nevus_auc_ignores_the_easy_negatives() -> None:
     assert result["melanoma_vs_nevus_auc"] == 0.0
 
 
+def test_card_figures_carry_bootstrap_intervals_and_say_n_a_for_a_missing_class() -> None:
+    from dermwatch.training.metrics import figure, summarize
+
+    rng = np.random.default_rng(0)
+    y = np.array([3] * 40 + [4] * 60 + [0] * 20)  # melanoma, nevus, actinic keratosis
+    probabilities = rng.dirichlet(np.ones(9), len(y))
+    probabilities[y == 3, 3] += 0.3  # melanomas score somewhat higher
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    result = summarize(probabilities, y, threshold=0.2)
+    for name, (low, high) in result["intervals"].items():
+        assert low <= result[name] <= high, name
+    low, high = result["intervals"]["melanoma_vs_nevus_auc"]
+    assert 0.05 < high - low < 0.5  # 100 melanocytic images: wide, but not everything
+    assert figure(result, "melanoma_roc_auc").count("[") == 1
+
+    no_nevi = summarize(probabilities[y != 4], y[y != 4], threshold=0.2)
+    assert no_nevi["intervals"]["nevus_flag_rate"] is None and figure(no_nevi, "nevus_flag_rate") == "n/a"
+    assert figure(no_nevi, "melanoma_vs_nevus_auc") == "n/a"
+
+
 def test_the_shipped_threshold_lets_the_worst_root_decide() -> None:
     from dermwatch.training.metrics import melanoma_threshold, worst_root_threshold
 

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 
 from dermwatch.labels import CLASS_NAMES  # noqa: E402
+from dermwatch.training.metrics import figure  # noqa: E402
 
 SET_TITLES = {
     "validation": "Validation (lesion-grouped split of the training folders)",
@@ -32,6 +33,7 @@ def set_title(name: str) -> str:
 
 def render_card_html(card: dict[str, Any], path: Path) -> Path:
     environment = Environment(loader=PackageLoader("dermwatch", "templates"), autoescape=select_autoescape())
+    environment.globals["figure"] = figure
     plots = {}
     history = card.get("training", {}).get("history")
     if history:

@@ -8,6 +8,7 @@ import click
 
 from dermwatch.preprocess import COLOUR_MODES
 from dermwatch.training.audit import audit, write_manifest
+from dermwatch.training.metrics import figure
 
 data_option = click.option(
     "--data", "data_roots", multiple=True, required=True,
@@ -152,9 +153,9 @@ def evaluate_command(model: Path, data_roots: tuple[Path, ...], ground_truth: Pa
 
 
 def _metrics_line(m: dict) -> str:
-    return (f"{m['images']} images, accuracy {m['accuracy']:.3f}, balanced {m['balanced_accuracy']:.3f}, "
-            f"melanoma AUC {m['melanoma_roc_auc']:.3f} (vs nevus {m['melanoma_vs_nevus_auc']:.3f}), "
-            f"sensitivity {m['melanoma_sensitivity']:.3f} "
-            f"specificity {m['melanoma_specificity']:.3f} (of {m['melanoma_images']} melanomas), "
-            f"nevi flagged {m['nevus_flag_rate']:.3f}, "
+    return (f"{m['images']} images, accuracy {m['accuracy']:.3f}, balanced {figure(m, 'balanced_accuracy')}, "
+            f"melanoma AUC {figure(m, 'melanoma_roc_auc')} (vs nevus {figure(m, 'melanoma_vs_nevus_auc')}), "
+            f"sensitivity {figure(m, 'melanoma_sensitivity')} "
+            f"specificity {figure(m, 'melanoma_specificity')} (of {m['melanoma_images']} melanomas), "
+            f"nevi flagged {figure(m, 'nevus_flag_rate')}, "
             f"ECE {m['expected_calibration_error']:.3f}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dermwatch.labels import CLASS_NAMES, MELANOMA
@@ -102,8 +104,50 @@ def worst_root_threshold(probabilities: np.ndarray, y_true: np.ndarray, roots: l
     return min(thresholds)
 
 
+#: The figures that get a bootstrap interval in the card: the ones a decision is made on.
+INTERVAL_FIGURES = ("balanced_accuracy", "melanoma_roc_auc", "melanoma_vs_nevus_auc", "melanoma_sensitivity",
+                    "melanoma_specificity", "nevus_flag_rate")
+
+
+def bootstrap_intervals(probabilities: np.ndarray, y_true: np.ndarray, threshold: float, draws: int = 1000,
+                        seed: int = 0) -> dict[str, list[float] | None]:
+    """Percentile 95 % intervals of INTERVAL_FIGURES over images resampled with replacement.
+
+    On 74 or 242 images one figure is noise without its interval. None where a figure cannot
+    be computed on most resamples (a class with no images).
+    """
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {name: [] for name in INTERVAL_FIGURES}
+    for _ in range(draws):
+        pick = rng.integers(0, len(y_true), len(y_true))
+        figures = _headline(probabilities[pick], y_true[pick], threshold)
+        for name in INTERVAL_FIGURES:
+            samples[name].append(figures[name])
+    intervals = {}
+    for name, values in samples.items():
+        finite = np.array([v for v in values if np.isfinite(v)])
+        intervals[name] = [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))] \
+            if len(finite) >= draws // 2 else None
+    return intervals
+
+
+def _headline(probabilities: np.ndarray, y_true: np.ndarray, threshold: float) -> dict[str, float]:
+    is_melanoma, is_nevus = y_true == MELANOMA_INDEX, y_true == NEVUS_INDEX
+    melanocytic = is_melanoma | is_nevus
+    flagged = probabilities[:, MELANOMA_INDEX] >= threshold
+    sensitivity, specificity = sensitivity_specificity(is_melanoma, flagged)
+    return {
+        "balanced_accuracy": balanced_accuracy(y_true, probabilities.argmax(axis=1)),
+        "melanoma_roc_auc": roc_auc(is_melanoma, probabilities[:, MELANOMA_INDEX]),
+        "melanoma_vs_nevus_auc": roc_auc(is_melanoma[melanocytic], probabilities[melanocytic, MELANOMA_INDEX]),
+        "melanoma_sensitivity": sensitivity if is_melanoma.any() else float("nan"),
+        "melanoma_specificity": specificity if (~is_melanoma).any() else float("nan"),
+        "nevus_flag_rate": float(flagged[is_nevus].mean()) if is_nevus.any() else float("nan"),
+    }
+
+
 def summarize(probabilities: np.ndarray, y_true: np.ndarray, threshold: float) -> dict:
-    """Every figure the model card reports, for one set of images."""
+    """Every figure the model card reports, for one set of images (with bootstrap intervals)."""
     y_pred = probabilities.argmax(axis=1)
     matrix = confusion(y_true, y_pred)
     per_class = {}
@@ -136,4 +180,14 @@ def summarize(probabilities: np.ndarray, y_true: np.ndarray, threshold: float) -
         "expected_calibration_error": expected_calibration_error(probabilities, y_true),
         "per_class": per_class,
         "confusion_matrix": matrix.tolist(),
+        "intervals": bootstrap_intervals(probabilities, y_true, threshold),
     }
+
+
+def figure(metrics: dict, name: str) -> str:
+    """'0.690 [0.620–0.750]'; 'n/a' where the set lacks the class; no interval in older cards."""
+    value = metrics.get(name)
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    interval = (metrics.get("intervals") or {}).get(name)
+    return f"{value:.3f} [{interval[0]:.3f}–{interval[1]:.3f}]" if interval else f"{value:.3f}"
