@@ -86,7 +86,7 @@ def claim(path: Path, work_dir: Path) -> Claimed | None:
     """
     token = new_token()
     folder = work_dir / token
-    _guard_disk(lambda: folder.mkdir())
+    _guard_disk(lambda: folder.mkdir(parents=True))  # a worker's own folder comes and goes (workers.py)
     work_path = folder / path.name
     try:
         moved = _move(path, work_path)

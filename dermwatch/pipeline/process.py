@@ -101,7 +101,7 @@ class Processor:
 
     def leftovers(self) -> list[Claimed]:
         """Arrivals an interrupted run left in state/work/, to be resumed."""
-        left = reclaim(self.work_dir)
+        left = reclaim(self.work_dir) if self.work_dir.is_dir() else []
         if left:
             log.warning("finishing %d file(s) left in %s by an interrupted run", len(left), self.work_dir)
         return left

@@ -51,8 +51,9 @@ class Membership:
         with Session(engine) as session, session.begin():  # registered before its folder exists
             session.add(Worker(id=self.id, host=socket.gethostname(), pid=os.getpid(), started_at=now,
                                heartbeat_at=now, leading=False))
+        # Made by the first claim and removed whenever empty (tidy()): a worker killed
+        # between batches leaves nothing behind in state/work/.
         self.work_dir = work_root / f"{WORKER_PREFIX}{self.id}"
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         self._leader_connection: Connection | None = None
         log.info("worker %s joined", self.id)
 
@@ -114,6 +115,8 @@ class Membership:
                 claims = [folder]  # a claim folder of a single service from before
             else:
                 continue
+            if claims:
+                self.work_dir.mkdir(parents=True, exist_ok=True)
             for claim_folder in claims:
                 try:
                     os.rename(claim_folder, self.work_dir / claim_folder.name)
@@ -124,6 +127,8 @@ class Membership:
                 _remove_if_empty(folder)
         # Only what was just moved: this worker's own claims in hand are not taken twice.
         taken = [item for item in reclaim(self.work_dir) if item.token in moved] if moved else []
+        if not moved:
+            self.tidy()
         if taken:
             log.warning("worker %s took over %d file(s) from stopped or silent workers", self.id, len(taken))
         return taken
@@ -133,6 +138,10 @@ class Membership:
         with Session(self.engine) as session:
             return set(session.scalars(select(Worker.id).where(Worker.stopped_at.is_(None),
                                                                Worker.heartbeat_at >= cutoff)))
+
+    def tidy(self) -> None:
+        """Remove this worker's folder while it holds no claim."""
+        _remove_if_empty(self.work_dir)
 
     def leave(self) -> None:
         """Stopped cleanly: give up the lead and say so, so that others need not wait out the lease."""

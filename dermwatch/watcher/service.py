@@ -168,6 +168,8 @@ class Intake:
             return False
         self.backoff.reset()
         self.health.recovered("intake")
+        if self.processor.membership is not None and not self.in_hand:
+            self.processor.membership.tidy()
         return True
 
     def _take(self, ready: list[Path]) -> None:
