@@ -110,7 +110,10 @@ class Membership:
             if folder.name.startswith(WORKER_PREFIX):
                 if folder.name[len(WORKER_PREFIX):] in alive or not folder.is_dir():
                     continue
-                claims = [entry for entry in folder.iterdir() if entry.is_dir()]
+                try:
+                    claims = [entry for entry in folder.iterdir() if entry.is_dir()]
+                except FileNotFoundError:
+                    continue  # another survivor emptied and removed it just now
             elif folder.is_dir():
                 claims = [folder]  # a claim folder of a single service from before
             else:
