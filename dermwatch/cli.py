@@ -337,7 +337,10 @@ def _pending(settings: Settings) -> int:
     if settings.paths.work.is_dir():
         for entry in settings.paths.work.iterdir():
             if entry.name.startswith(WORKER_PREFIX):
-                waiting += sum(1 for _ in entry.iterdir())
+                try:
+                    waiting += sum(1 for _ in entry.iterdir())
+                except FileNotFoundError:  # the worker finished its claims and removed its folder
+                    pass
             elif not entry.name.endswith(".json"):
                 waiting += 1
     return waiting

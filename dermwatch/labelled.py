@@ -3,13 +3,13 @@ diagnosis, or a CSV with columns path,diagnosis."""
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 from dermwatch.errors import DataError
 from dermwatch.labels import parse_diagnosis
 from dermwatch.pipeline.claim import iter_candidates
+from dermwatch.tables import read_table
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,8 @@ def _from_folders(root: Path) -> Labelled:
 
 
 def _from_csv(table: Path) -> list[LabelledImage]:
-    try:
-        with table.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            if not {"path", "diagnosis"} <= set(reader.fieldnames or ()):
-                raise DataError(f"{table}: needs the columns path,diagnosis (has {', '.join(reader.fieldnames or [])})")
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise DataError(f"{table}: cannot be read ({error})") from None
     images = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in read_table(table, "path,diagnosis", lambda header: {"path", "diagnosis"} <= header):
         path = table.parent / row["path"]  # relative paths are read from the CSV's folder
         try:
             diagnosis = parse_diagnosis(row["diagnosis"] or "")

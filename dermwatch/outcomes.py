@@ -3,17 +3,16 @@ say about the alert: how many melanomas it flagged, and how many of its flags we
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from dermwatch.errors import DataError
 from dermwatch.labels import MELANOMA, parse_diagnosis
 from dermwatch.store.models import ConfirmedDiagnosis, Prediction, utc_now
 from dermwatch.store.queries import image_id_by_name, image_id_by_sha256
+from dermwatch.tables import read_table
 
 
 @dataclass
@@ -30,7 +29,8 @@ def import_outcomes(engine: Engine, table: Path) -> ImportResult:
     A row names its image by ``sha256`` or by ``file_name`` as received. A row that matches
     no image, or a name under which different images arrived, is listed, never guessed.
     """
-    rows = _read_rows(table)
+    rows = read_table(table, "file_name,diagnosis (or sha256,diagnosis)",
+                      lambda header: "diagnosis" in header and bool(header & {"file_name", "sha256"}))
     result = ImportResult()
     with Session(engine) as session, session.begin():
         for line, row in rows:
@@ -52,19 +52,6 @@ def import_outcomes(engine: Engine, table: Path) -> ImportResult:
                 known.diagnosis, known.recorded_at, known.source = diagnosis, utc_now(), table.name
                 result.changed += 1
     return result
-
-
-def _read_rows(table: Path) -> list[tuple[int, dict[str, str]]]:
-    try:
-        with table.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = set(reader.fieldnames or ())
-            if "diagnosis" not in columns or not columns & {"file_name", "sha256"}:
-                raise DataError(f"{table}: needs the columns file_name,diagnosis (or sha256,diagnosis); "
-                                f"has {', '.join(sorted(columns)) or 'none'}")
-            return list(enumerate(reader, start=2))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise DataError(f"{table}: cannot be read ({error})") from None
 
 
 def _image_of(session: Session, row: dict[str, str]) -> int:

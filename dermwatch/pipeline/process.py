@@ -79,9 +79,11 @@ class Processor:
 
     def __init__(self, paths: PathSettings, engine: Engine, classifier: Classifier, max_pixels: int,
                  alert_channels: tuple[str, ...] = (), zone: ZoneInfo | timezone = timezone.utc,
-                 work_dir: Path | None = None) -> None:
+                 membership: Membership | None = None) -> None:
         self.paths = paths
-        self.work_dir = work_dir or paths.work  # a worker's own folder when several share the state folder
+        self.membership = membership  # PostgreSQL: this process among several workers
+        # Claims go to a worker's own folder when several share the state folder.
+        self.work_dir = membership.work_dir if membership else paths.work
         self.alert_channels = alert_channels
         self.engine = engine
         self.sessions = sessionmaker(engine, expire_on_commit=False)
@@ -89,7 +91,6 @@ class Processor:
         self.max_pixels = max_pixels
         self.zone = zone  # archive folders are named by the site's local date
         self.umask = process_umask()
-        self.membership: Membership | None = None
 
     def claim(self, path: Path) -> Claimed | None:
         """Take ``path`` into state/work/; None if it vanished or cannot be moved (recorded once)."""
@@ -317,10 +318,8 @@ def open_processor(settings: Settings) -> Processor:
     ensure_folders(settings)
     membership = Membership(engine, settings.paths.work, settings.worker_lease_seconds) \
         if cooperative(settings.database_url) else None
-    processor = Processor(settings.paths, engine, classifier, settings.max_pixels, settings.alerts.channels,
-                          settings.reports.timezone, work_dir=membership.work_dir if membership else None)
-    processor.membership = membership
-    return processor
+    return Processor(settings.paths, engine, classifier, settings.max_pixels, settings.alerts.channels,
+                     settings.reports.timezone, membership)
 
 
 def _blame(error: Exception) -> str:

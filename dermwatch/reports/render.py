@@ -60,10 +60,11 @@ def render_day(engine: Engine, day: date, *, reports_dir: Path, site_name: str, 
     rows = _flat_rows(loaded)
     stem = reports_dir / day.isoformat()
     rate = alert_rate(len(loaded.images), len(loaded.flagged), threshold.expected_flag_rate if threshold else None)
+    warning = drift_warning(rate)
     outcomes = outcome_summary(engine)
     page = _environment.get_template("report.html").render(
         day=loaded, site_name=site_name, card=card, threshold=threshold,
-        threshold_words=threshold_words(card, threshold), alert_rate=rate, drift_warning=drift_warning(rate),
+        threshold_words=threshold_words(card, threshold), alert_rate=rate, drift_warning=warning,
         outcomes=outcomes,
         class_counts=loaded.class_counts(), malignant=MALIGNANT, pictures=pictures, list_side=LIST_THUMBNAIL_SIDE,
         zone_name=str(zone), original_link=lambda archive_path: _relative_link(archive_path, reports_dir),
@@ -75,12 +76,12 @@ def render_day(engine: Engine, day: date, *, reports_dir: Path, site_name: str, 
         "date": day.isoformat(), "site": site_name, "timezone": str(zone), **summary,
         "threshold": threshold.value if threshold else None,
         "threshold_source": threshold.source if threshold else "no model loaded",
-        "alert_rate": rate, "drift_warning": drift_warning(rate), "outcomes": outcomes, "rows": rows,
+        "alert_rate": rate, "drift_warning": warning, "outcomes": outcomes, "rows": rows,
     }
     write_atomically(stem.with_suffix(".json"), (json.dumps(document, indent=2) + "\n").encode())
     render_index(reports_dir, site_name)
     return Rendered(stem.with_suffix(".html"), stem.with_suffix(".csv"), stem.with_suffix(".json"), **summary,
-                    drift_warning=document["drift_warning"])
+                    drift_warning=warning)
 
 
 def _relative_link(archive_path: str, reports_dir: Path) -> str:

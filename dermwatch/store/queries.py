@@ -30,7 +30,7 @@ MIN_SHA256_PREFIX = 12
 def image_id_by_sha256(session: Session, sha256: str) -> int:
     """The image whose sha256 is or starts with ``sha256``; ValueError saying why not."""
     sha256 = sha256.strip().lower()
-    if len(sha256) < MIN_SHA256_PREFIX or any(c not in "0123456789abcdef" for c in sha256):
+    if not _looks_like_sha256(sha256):
         raise ValueError(f"{sha256!r} is not a sha256 (or its first {MIN_SHA256_PREFIX} or more hex digits)")
     found = session.scalars(select(Image.id).where(Image.sha256.startswith(sha256, autoescape=True)).limit(2)).all()
     if not found:
@@ -52,8 +52,14 @@ def image_id_by_name(session: Session, name: str) -> int:
 
 def image_id_by_reference(session: Session, reference: str) -> int:
     """A sha256 (or prefix) if ``reference`` looks like one, else a file name as received."""
-    looks_like_sha = len(reference) >= MIN_SHA256_PREFIX and all(c in "0123456789abcdefABCDEF" for c in reference)
-    return image_id_by_sha256(session, reference) if looks_like_sha else image_id_by_name(session, reference)
+    if _looks_like_sha256(reference.lower()):
+        return image_id_by_sha256(session, reference)
+    return image_id_by_name(session, reference)
+
+
+def _looks_like_sha256(text: str) -> bool:
+    """A lower-case sha256, or enough of its start to name one image."""
+    return len(text) >= MIN_SHA256_PREFIX and all(c in "0123456789abcdef" for c in text)
 
 
 def alert_counts(engine: Engine) -> dict[str, int]:

@@ -20,13 +20,13 @@ from dermwatch.store.models import utc_now
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "service.json"
+#: Fixed size of the status file: rewritten in place, never grown.
+STATUS_FILE_BYTES = 8192
 
 
 def worker_status_file(worker_id: str) -> str:
     """Each of several workers sharing a state folder publishes its own status file."""
     return f"service-{worker_id}.json"
-#: Fixed size of the status file: rewritten in place, never grown.
-STATUS_FILE_BYTES = 8192
 
 
 @dataclass(frozen=True)
