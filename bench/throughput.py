@@ -1,13 +1,19 @@
-"""How fast dermwatch classifies full-size photos, against the cost of only decoding them.
+"""How fast dermwatch classifies full-size photos, against what the hardware allows.
 
-Makes 500 full-size JPEGs (1024x768) by upscaling data-set images, then measures:
-  1. the decode limit: the same files only decoded and resized to the model input
-     (the pipeline's own read_model_input), in one process;
-  2. `dermwatch process` on the same files (subprocess; wall time with and without start-up);
-  3. `dermwatch run`: time to READY=1, resident memory after READY and at its peak while a
-     burst of the same 500 files is classified, and the service's throughput on that burst.
+Makes full-size JPEGs (1024x768) by upscaling data-set images, then measures on those files:
+  1. the bound: CORES / (decode + one-thread inference), each timed alone on every file
+     (the pipeline's own read_model_input, and the model through a one-thread LiteRT
+     interpreter, one image per call). Measured before and after the service, as the
+     machine's speed drifts; the ratio is to their mean;
+  2. `dermwatch run` on SQLite: all files land in the intake folder at once (renamed in
+     from a staging folder on the same file system); images/s from the first landing to the
+     last commit, the ratio to the bound, and resident memory at READY and at its peak
+     (VmHWM);
+  3. `dermwatch process` on the same files;
+  4. with --postgres: two `dermwatch run` workers on one config sharing a throwaway
+     PostgreSQL server (started as in the tests), the same burst.
 
-    python bench/throughput.py --data ../shared/data/isic9/Train [--model M.tflite] [--count 500]
+    python bench/throughput.py --data ../shared/data/isic9/Train [--count 400] [--postgres]
 """
 
 from __future__ import annotations
@@ -17,19 +23,22 @@ import os
 import random
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
+from sqlalchemy import create_engine, text
 
-from dermwatch.modelcard import load_card, shipped_model_path
+from dermwatch.modelcard import shipped_model_path
+from dermwatch.pipeline.classifier import load_classifier
 from dermwatch.pipeline.decode import read_model_input
 
 FULL_SIZE = (1024, 768)
+MAX_PIXELS = 50_000_000
 
 
 def make_photos(data: Path, out: Path, count: int, seed: int = 0) -> list[Path]:
@@ -44,96 +53,152 @@ def make_photos(data: Path, out: Path, count: int, seed: int = 0) -> list[Path]:
     return photos
 
 
-def decode_limit(photos: list[Path], size: int) -> float:
+def per_image_seconds(step: Callable[[object], object], inputs: list, warm_up: int = 10) -> float:
+    for value in inputs[:warm_up]:
+        step(value)
     started = time.perf_counter()
-    for path in photos:
-        read_model_input(path.read_bytes(), size, max_pixels=50_000_000)
-    return len(photos) / (time.perf_counter() - started)
+    for value in inputs:
+        step(value)
+    return (time.perf_counter() - started) / len(inputs)
 
 
-def write_config(folder: Path, model: Path, threads: int) -> Path:
+def measure_bound(photos: list[Path], model: Path, cores: int) -> tuple[float, float, float]:
+    """(decode s, one-thread inference s, bound images/s) on these files."""
+    classifier = load_classifier(model, threads=1)
+    size = classifier.input_size
+    data = [path.read_bytes() for path in photos]
+    decode = per_image_seconds(lambda d: read_model_input(d, size, max_pixels=MAX_PIXELS), data)
+    pixels = [read_model_input(d, size, max_pixels=MAX_PIXELS)[1][None] for d in data]
+    inference = per_image_seconds(classifier.predict, pixels)
+    return decode, inference, cores / (decode + inference)
+
+
+def write_config(folder: Path, model: Path, database_url: str | None = None) -> Path:
     config = folder / "config.toml"
-    config.write_text(f'[model]\npath = "{model}"\nthreads = {threads}\n[watcher]\nsettle_seconds = 0.5\n')
+    database = f'[database]\nurl = "{database_url}"\n' if database_url else ""
+    config.write_text(f'[model]\npath = "{model}"\n[watcher]\nsettle_seconds = 0.5\n{database}')
     return config
 
 
-def rss_kib(pid: int, field: str) -> int:
+def memory_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/{pid}/status")
 
 
-def predictions(db: Path) -> int:
-    with sqlite3.connect(db) as connection:
-        try:
-            return connection.execute("select count(*) from sightings").fetchone()[0]
-        except sqlite3.OperationalError:
-            return 0
+class Services:
+    """`dermwatch run` processes on one config, each waited for until READY=1."""
+
+    def __init__(self, folder: Path, config: Path, count: int) -> None:
+        self.processes = []
+        for index in range(count):
+            notify_path = folder / f"notify-{index}.sock"
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            notify.bind(str(notify_path))
+            notify.settimeout(120)
+            process = subprocess.Popen([sys.executable, "-m", "dermwatch", "run", "--config", str(config)],
+                                       stderr=subprocess.DEVNULL, env={**os.environ, "NOTIFY_SOCKET": str(notify_path)})
+            while b"READY=1" not in notify.recv(4096):
+                pass
+            notify.close()
+            self.processes.append(process)
+        self.ready_kib = [memory_kib(p.pid, "VmRSS") for p in self.processes]
+
+    def peak_kib(self) -> list[int]:
+        return [memory_kib(p.pid, "VmHWM") for p in self.processes]
+
+    def stop(self) -> list[int]:
+        for process in self.processes:
+            process.terminate()
+        return [process.wait(60) for process in self.processes]
+
+
+def burst(photos: list[Path], folder: Path, database_url: str) -> float:
+    """Land every photo in the intake folder at once; seconds until the last one is committed."""
+    staging, intake = folder / "staging", folder / "var" / "intake"
+    shutil.copytree(photos[0].parent, staging)
+    engine = create_engine(database_url)
+    started = time.perf_counter()
+    for photo in photos:
+        os.rename(staging / photo.name, intake / photo.name)
+    with engine.connect() as connection:
+        while connection.execute(text("select count(*) from sightings")).scalar_one() < len(photos):
+            connection.rollback()
+            time.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    engine.dispose()
+    return elapsed
+
+
+def service_run(photos: list[Path], folder: Path, model: Path, workers: int = 1,
+                database_url: str | None = None) -> tuple[float, list[int], list[int], list[int]]:
+    """(images/s, resident KiB at READY, peak KiB, exit codes) for ``workers`` services."""
+    folder.mkdir()
+    config = write_config(folder, model, database_url)
+    services = Services(folder, config, workers)
+    try:
+        seconds = burst(photos, folder, database_url or f"sqlite:///{folder / 'var' / 'dermwatch.db'}")
+        peak = services.peak_kib()
+    finally:
+        codes = services.stop()
+    return len(photos) / seconds, services.ready_kib, peak, codes
+
+
+def process_run(photos: list[Path], folder: Path, model: Path) -> float:
+    folder.mkdir()
+    config = write_config(folder, model)
+    shutil.copytree(photos[0].parent, folder / "batch")
+    dermwatch = [sys.executable, "-m", "dermwatch"]
+    subprocess.run([*dermwatch, "db", "upgrade", "--config", str(config)], check=True, capture_output=True)
+    started = time.perf_counter()
+    subprocess.run([*dermwatch, "process", "--config", str(config), str(folder / "batch")], check=True,
+                   capture_output=True)
+    return len(photos) / (time.perf_counter() - started)
+
+
+def mib(kib: list[int]) -> str:
+    return ", ".join(f"{k / 1024:.0f}" for k in kib) + " MiB"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a folder of data-set JPEGs (searched recursively)")
     parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
-    parser.add_argument("--count", type=int, default=500)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--count", type=int, default=400)
+    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="cores in the bound (default: all)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="also run two workers on a throwaway PostgreSQL server (needs Debian's postgresql)")
     args = parser.parse_args()
     model = (args.model or shipped_model_path()).resolve()
-    size = load_card(model).input_size
-    dermwatch = [sys.executable, "-m", "dermwatch"]
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         photos = make_photos(args.data, root / "photos", args.count)
-        print(f"{len(photos)} JPEGs of {FULL_SIZE[0]}x{FULL_SIZE[1]}, model {model.name} ({size}x{size})")
-        print(f"decode limit (decode + resize only): {decode_limit(photos, size):.1f} images/s")
+        print(f"{len(photos)} JPEGs of {FULL_SIZE[0]}x{FULL_SIZE[1]}, model {model.name}, {args.cores} cores")
+        decode, inference, before = measure_bound(photos, model, args.cores)
+        rate, ready, peak, codes = service_run(photos, root / "service", model)
+        decode_after, inference_after, after = measure_bound(photos, model, args.cores)
+        bound = (before + after) / 2
+        print(f"bound: {args.cores} / (decode {decode * 1e3:.2f} ms + one-thread inference {inference * 1e3:.2f} ms)"
+              f" = {before:.1f} images/s before the service, {after:.1f} after "
+              f"(decode {decode_after * 1e3:.2f} ms, inference {inference_after * 1e3:.2f} ms); mean {bound:.1f}")
+        print(f"dermwatch run (SQLite): {rate:.1f} images/s = {rate / bound:.2f}x the bound; resident memory "
+              f"{mib(ready)} at READY, peak {mib(peak)}; exit code {codes[0]} on SIGTERM")
+        print(f"dermwatch process: {process_run(photos, root / 'process', model):.1f} images/s (with start-up)")
+        if args.postgres:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+            from tests.postgres_server import PostgresServer
 
-        work = root / "process"
-        work.mkdir()
-        config = write_config(work, model, args.threads)
-        shutil.copytree(root / "photos", work / "batch")
-        subprocess.run([*dermwatch, "db", "upgrade", "--config", str(config)], check=True, capture_output=True)
-        empty = work / "empty"
-        empty.mkdir()
-        started = time.perf_counter()
-        subprocess.run([*dermwatch, "process", "--config", str(config), str(empty)], check=True, capture_output=True)
-        start_up = time.perf_counter() - started
-        started = time.perf_counter()
-        subprocess.run([*dermwatch, "process", "--config", str(config), str(work / "batch")], check=True,
-                       capture_output=True)
-        wall = time.perf_counter() - started
-        print(f"dermwatch process: {len(photos)} images in {wall:.1f} s = {len(photos) / wall:.1f} images/s "
-              f"({len(photos) / (wall - start_up):.1f} images/s without its {start_up:.1f} s start-up)")
-
-        service = root / "service"
-        service.mkdir()
-        config = write_config(service, model, args.threads)
-        notify_path = service / "notify.sock"
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(notify_path))
-        notify.settimeout(120)
-        started = time.perf_counter()
-        process = subprocess.Popen([*dermwatch, "run", "--config", str(config)], stderr=subprocess.DEVNULL,
-                                   env={**os.environ, "NOTIFY_SOCKET": str(notify_path)})
-        while b"READY=1" not in notify.recv(4096):
-            pass
-        ready = time.perf_counter() - started
-        rss_ready = rss_kib(process.pid, "VmRSS")
-        intake = service / "var" / "intake"
-        started = time.perf_counter()
-        for photo in photos:
-            shutil.copy(photo, service / photo.name)
-            os.rename(service / photo.name, intake / photo.name)
-        while predictions(service / "var" / "dermwatch.db") < len(photos):
-            time.sleep(0.05)
-        burst = time.perf_counter() - started
-        peak = rss_kib(process.pid, "VmHWM")
-        process.terminate()
-        code = process.wait(60)
-        print(f"dermwatch run: READY after {ready:.2f} s; resident memory {rss_ready / 1024:.0f} MiB at READY, "
-              f"peak {peak / 1024:.0f} MiB; burst of {len(photos)} in {burst:.1f} s = "
-              f"{len(photos) / burst:.1f} images/s; exit code {code} on SIGTERM")
+            server = PostgresServer()
+            try:
+                rate, ready, peak, codes = service_run(photos, root / "workers", model, workers=2,
+                                                       database_url=server.new_database())
+            finally:
+                server.stop()
+            print(f"2 dermwatch run workers (PostgreSQL): {rate:.1f} images/s together = {rate / bound:.2f}x the "
+                  f"one-machine bound; resident memory {mib(ready)} at READY, peak {mib(peak)}; "
+                  f"exit codes {codes} on SIGTERM")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
     finally:
         if processor.membership is not None:  # PostgreSQL: signed off, so nobody waits out its lease
             processor.membership.leave()
+        processor.lanes.close()
     if settings.alerts.channels:
         from dermwatch.alerts import send_pending
 

@@ -29,7 +29,7 @@ POLLING_SETTLE_SECONDS = 5.0
 DEFAULTS: dict[str, dict[str, Any]] = {
     "paths": {"intake": "var/intake", "state": "var/state", "reports": "var/reports"},
     "database": {"url": "sqlite:///var/dermwatch.db", "busy_timeout_seconds": 30.0, "worker_lease_seconds": 30.0},
-    "model": {"path": "", "threads": 2, "batch_size": 16},
+    "model": {"path": "", "threads": 2, "batch_size": 64},
     "watcher": {
         "settle_seconds": 1.0,
         "rescan_seconds": 60.0,
@@ -79,7 +79,7 @@ class PathSettings:
 class ModelSettings:
     path: Path | None  # None: the model shipped inside the package
     threads: int
-    batch_size: int  # most images classified in one interpreter call
+    batch_size: int  # most images stored in one transaction (and per interpreter call in `classify`)
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def test_good_jpeg_is_classified_stored_and_archived(on_each_database: tuple[Pro
         assert Path(image.archive_path).is_file()
         assert Path(image.archive_path).name.endswith("-lesion 1.jpg")
         assert sum(prediction.probabilities().values()) == pytest.approx(1.0, abs=1e-4)
-        assert prediction.model_sha256 == processor.classifier.card.sha256
+        assert prediction.model_sha256 == processor.card.sha256
         assert prediction.flagged == (prediction.melanoma_score >= 0.5)
     assert list(processor.work_dir.iterdir()) == []
 

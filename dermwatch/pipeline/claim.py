@@ -143,7 +143,10 @@ def release(item: Claimed) -> None:
     """Remove the claim folder once its files have been placed elsewhere."""
     folder = item.work_path.parent
     if folder.name == item.token:
-        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.rmdir()  # empty, as a rule: one system call
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _move(source: Path, target: Path) -> bool:
@@ -181,7 +184,7 @@ def place(source: Path, target_dir: Path, name: str, umask: int) -> Path:
     _guard_disk(lambda: target_dir.mkdir(parents=True, exist_ok=True))
     final = target_dir / name
     counter = 1
-    while final.exists() or final.is_symlink():
+    while os.path.lexists(final):
         stem, dot, suffix = name.rpartition(".")
         final = target_dir / (f"{stem}-{counter}.{suffix}" if dot else f"{name}-{counter}")
         counter += 1

@@ -1,7 +1,8 @@
 """One image, start to end, for both `dermwatch run` and `dermwatch process`.
 
-claim -> sha256 -> (seen by this model? sighting) -> decode -> preprocess -> classify
--> one transaction -> archive; any rejection -> a row with the reason -> quarantine.
+claim -> in the lanes (one per core, pipeline/lanes.py): read, sha256, decode, classify
+-> per batch, one transaction: a sighting for each arrival, a prediction for each image this
+model has not seen -> archive; any rejection -> a row with the reason -> quarantine.
 Files move out of state/work/ only after their transaction commits, so a crash at any
 point is finished by :meth:`Processor.recover` without losing or doubling anything.
 
@@ -14,15 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import numpy as np
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from dermwatch.config import PathSettings, Settings, ensure_folders
 from dermwatch.errors import RejectedImage, as_transient
@@ -39,8 +41,9 @@ from dermwatch.pipeline.claim import (
     reclaim,
     release,
 )
-from dermwatch.pipeline.classifier import Classifier, load_classifier
-from dermwatch.pipeline.decode import DecodedImage, read_model_input
+from dermwatch.pipeline.classifier import Classifier
+from dermwatch.pipeline.decode import read_model_input
+from dermwatch.pipeline.lanes import Lanes, open_lanes
 from dermwatch.pipeline.names import display_name, fitted_name, name_bytes
 from dermwatch.pipeline.sidecar import read_sidecar
 from dermwatch.pipeline.workers import Membership, cooperative
@@ -49,6 +52,11 @@ from dermwatch.store.models import Alert, Image, Prediction, Rejection, Sighting
 from dermwatch.threshold import threshold_in_force
 
 log = logging.getLogger(__name__)
+
+# The bulk inserts of a batch go through the tables, not the ORM: half the CPU per row.
+IMAGES, PREDICTIONS = Image.__table__, Prediction.__table__
+#: Claim tokens looked up in one query when resuming arrivals after a crash.
+RECORDED_LOOKUP = 500
 
 @dataclass(frozen=True)
 class Outcome:
@@ -61,13 +69,18 @@ class Outcome:
 
 @dataclass
 class _Arrival:
+    """One claimed file on its way through the lanes and into the database."""
+
     item: Claimed
     received_at: datetime
-    data: bytes = b""
-    sha256: str | None = None
-    decoded: DecodedImage | None = None
+    size: int = 0
+    sha256: str | None = None  # None: the file could not even be read
     sidecar: dict[str, str] | None = None
-    pixels: np.ndarray | None = None
+    format: str = ""
+    width: int = 0
+    height: int = 0
+    probabilities: np.ndarray | None = None
+    error: Exception | None = None  # why it could not be read, decoded or classified
 
     @property
     def name(self) -> str:
@@ -75,9 +88,9 @@ class _Arrival:
 
 
 class Processor:
-    """Holds what every image needs: folders, database, classifier, limits."""
+    """Holds what every image needs: folders, database, the lanes that classify, limits."""
 
-    def __init__(self, paths: PathSettings, engine: Engine, classifier: Classifier, max_pixels: int,
+    def __init__(self, paths: PathSettings, engine: Engine, lanes: Lanes, max_pixels: int, batch_size: int,
                  alert_channels: tuple[str, ...] = (), zone: ZoneInfo | timezone = timezone.utc,
                  membership: Membership | None = None) -> None:
         self.paths = paths
@@ -87,10 +100,16 @@ class Processor:
         self.alert_channels = alert_channels
         self.engine = engine
         self.sessions = sessionmaker(engine, expire_on_commit=False)
-        self.classifier = classifier
+        self.lanes = lanes
+        self.card = lanes.card
         self.max_pixels = max_pixels
+        self.batch_size = batch_size  # arrivals stored in one transaction
         self.zone = zone  # archive folders are named by the site's local date
         self.umask = process_umask()
+
+    def close(self) -> None:
+        self.lanes.close()
+        self.engine.dispose()
 
     def claim(self, path: Path) -> Claimed | None:
         """Take ``path`` into state/work/; None if it vanished or cannot be moved (recorded once)."""
@@ -114,153 +133,189 @@ class Processor:
     def resume(self, items: list[Claimed]) -> list[Outcome]:
         """Finish claimed arrivals whatever state they are in: recorded ones are only moved on."""
         outcomes, unrecorded = [], []
-        for item in items:
-            finished = _guarded(lambda item=item: self._finish_if_recorded(item))
-            if finished:
-                outcomes.append(finished)
-            else:
-                unrecorded.append(item)
+        for start in range(0, len(items), RECORDED_LOOKUP):
+            finished, left = _guarded(lambda start=start: self._finish_recorded(items[start : start + RECORDED_LOOKUP]))
+            outcomes += finished
+            unrecorded += left
         return outcomes + self.process(unrecorded)
 
-    def process(self, items: list[Claimed]) -> list[Outcome]:
-        """Process claimed files; classify the decodable ones in one interpreter call."""
+    def process(self, items: Iterable[Claimed]) -> list[Outcome]:
+        """Read, decode and classify claimed files in the lanes; store them batch by batch."""
+        arrivals = (_Arrival(item, utc_now()) for item in items)
+        prepared = self.lanes.map(self._prepare, arrivals, ahead=2 * self.batch_size)
         outcomes: list[Outcome] = []
-        to_classify: dict[str, _Arrival] = {}
-        repeats: list[_Arrival] = []  # the same bytes twice in one batch: classified once
-        for item in items:
-            arrival = _Arrival(item, utc_now())
-            try:
-                self._read(arrival)
-                seen = self._record_if_seen(arrival)
-                if seen:
-                    outcomes.append(seen)
-                    continue
-                if arrival.sha256 in to_classify:
-                    repeats.append(arrival)
-                    continue
-                self._decode(arrival)
-            except Exception as error:  # noqa: BLE001 - sorted by _blame: this file's fate, or a passing fault
-                outcomes.append(self._reject(arrival, _blame(error)))
-                continue
-            to_classify[arrival.sha256] = arrival
-        if to_classify:
-            arrivals = list(to_classify.values())
-            probabilities = self.classifier.predict(np.stack([a.pixels for a in arrivals]))
-            for arrival, p in zip(arrivals, probabilities, strict=True):
-                try:
-                    outcomes.append(self._store(arrival, p))
-                except Exception as error:  # noqa: BLE001 - as above
-                    outcomes.append(self._reject(arrival, _blame(error)))
-        outcomes += [self._record_if_seen(a) for a in repeats]
+        for batch in _batches(prepared, self.batch_size):
+            outcomes += self._settle(batch)
         return outcomes
 
-    def _read(self, arrival: _Arrival) -> None:
+    def _prepare(self, classifier: Classifier, arrival: _Arrival) -> _Arrival:
+        """In a lane: read, hash, decode and classify one arrival; a failure is kept, not raised."""
+        try:
+            data = self._read(arrival)
+            decoded, pixels = read_model_input(data, classifier.input_size, max_pixels=self.max_pixels)
+            arrival.format, arrival.width, arrival.height = decoded.format, decoded.width, decoded.height
+            arrival.probabilities = classifier.predict(pixels[np.newaxis])[0]
+        except Exception as error:  # noqa: BLE001 - judged in the service's thread by _blame
+            arrival.error = error
+        return arrival
+
+    def _read(self, arrival: _Arrival) -> bytes:
         path = arrival.item.work_path
         if path.is_symlink():
             raise RejectedImage("symbolic links are refused: copy the image itself into the intake folder")
         if not path.is_file():
             raise RejectedImage("not a regular file")
-        arrival.data = path.read_bytes()
-        arrival.sha256 = hashlib.sha256(arrival.data).hexdigest()
-        if not arrival.data:
+        data = path.read_bytes()
+        if not data:
             raise RejectedImage("empty file (0 bytes)")
+        arrival.size = len(data)
+        arrival.sha256 = hashlib.sha256(data).hexdigest()
         sidecar_name = display_name(Path(arrival.item.original_name).stem) + ".json"
         arrival.sidecar = read_sidecar(arrival.item.sidecar_path, sidecar_name)
+        return data
 
-    def _decode(self, arrival: _Arrival) -> None:
-        arrival.decoded, arrival.pixels = read_model_input(
-            arrival.data, self.classifier.input_size, max_pixels=self.max_pixels
-        )
+    def _settle(self, batch: list[_Arrival]) -> list[Outcome]:
+        """Reject what could not be read; store the rest together, or one by one if that fails."""
+        outcomes = [self._reject(a, _blame(a.error)) for a in batch if a.sha256 is None]
+        readable = [a for a in batch if a.sha256 is not None]
+        return outcomes + self._store(readable)
 
-    def _finish_if_recorded(self, item: Claimed) -> Outcome | None:
-        """After a crash: an arrival whose result is committed only needs its file moved."""
-        with self.sessions() as session:
-            sighting = session.scalar(select(Sighting).where(Sighting.claim == item.token))
-            if sighting is not None:
-                self._archive(item, sighting.image.sha256, sighting.received_at)
-                return Outcome(display_name(item.original_name), "classified", "recovered after restart")
-            rejection = session.scalar(select(Rejection).where(Rejection.claim == item.token))
-            if rejection is not None:
-                self._quarantine(item)
-                return Outcome(display_name(item.original_name), "rejected", rejection.reason)
-        return None
-
-    def _record_if_seen(self, arrival: _Arrival) -> Outcome | None:
-        """Same bytes already classified by this model: one more sighting, no new prediction."""
-        card = self.classifier.card
-        with session_scope(self.sessions) as session:
-            image = session.scalar(select(Image).where(Image.sha256 == arrival.sha256))
-            previous = _prediction_by(image, card.sha256)
-            if previous is None:
-                return None
-            session.add(_sighting(image, arrival))
-        self._archive(arrival.item, arrival.sha256, arrival.received_at)
-        log.info("%s: same bytes as %s, already classified", arrival.name, image.original_name)
-        return Outcome(arrival.name, "seen before", _describe(previous))
-
-    def _store(self, arrival: _Arrival, probabilities: np.ndarray) -> Outcome:
+    def _store(self, arrivals: list[_Arrival]) -> list[Outcome]:
+        """Commit the batch, then move its files on; a batch that fails is retried one by one,
+        so one arrival's fault is that arrival's fate."""
+        if not arrivals:
+            return []
         try:
-            return self._store_prediction(arrival, probabilities)
-        except IntegrityError:
-            # Another process (`dermwatch process` beside the service) stored the same bytes
-            # a moment ago: this arrival is a sighting of that image.
-            seen = self._record_if_seen(arrival)
-            if seen is None:
-                raise
-            return seen
+            outcomes, stored, failed = self._commit(arrivals)
+        except Exception as error:  # noqa: BLE001 - sorted by _blame, after finding whose fault it is
+            transient = as_transient(error)
+            if transient is not None:
+                raise transient from error
+            if len(arrivals) > 1:
+                return [outcome for arrival in arrivals for outcome in self._store([arrival])]
+            if not isinstance(error, IntegrityError):
+                return [self._reject(arrivals[0], _blame(error))]
+            # Another process (`dermwatch process` beside the service, or another worker) stored
+            # the same bytes a moment ago: committed again, this arrival is a sighting of that image.
+            outcomes, stored, failed = _guarded(lambda: self._commit(arrivals))
+        for arrival in stored:
+            _guarded(lambda arrival=arrival: self._archive(arrival.item, arrival.sha256, arrival.received_at))
+        return outcomes + [self._reject(arrival, _blame(arrival.error)) for arrival in failed]
 
-    def _store_prediction(self, arrival: _Arrival, probabilities: np.ndarray) -> Outcome:
-        card = self.classifier.card
-        decoded = arrival.decoded
-        melanoma_score = float(probabilities[CLASS_NAMES.index(MELANOMA)])
-        archive_path = self.archive_target(arrival.item.original_name, arrival.sha256, arrival.received_at)
+    def _commit(self, arrivals: list[_Arrival]) -> tuple[list[Outcome], list[_Arrival], list[_Arrival]]:
+        """One transaction for the batch, in a few bulk statements: a sighting for each arrival, a
+        prediction for each image this model has not classified, the alerts owed.
+
+        Returns the outcomes, the arrivals stored, and those that could not be decoded or
+        classified (unless their bytes were classified before). Same bytes twice in one batch
+        are classified once.
+        """
+        card = self.card
+        now = utc_now()
         with session_scope(self.sessions) as session:
-            image = session.scalar(select(Image).where(Image.sha256 == arrival.sha256))
-            if image is None:
-                image = Image(
-                    sha256=arrival.sha256,
-                    original_name=arrival.name,
-                    received_at=arrival.received_at,
-                    processed_at=utc_now(),
-                    bytes=len(arrival.data),
-                    format=decoded.format,
-                    width=decoded.width,
-                    height=decoded.height,
-                    archive_path=str(archive_path),
-                )
-                session.add(image)
-            # Asked in the same transaction: a site calibration takes effect with the next image.
+            # Asked in the same transaction: a site calibration takes effect with the next batch.
             threshold = threshold_in_force(session, card).value
-            prediction = Prediction(
-                image=image,
-                model_version=card.version,
-                model_sha256=card.sha256,
-                created_at=utc_now(),
-                top_label=CLASS_NAMES[int(np.argmax(probabilities))],
-                melanoma_score=melanoma_score,
-                threshold=threshold,
-                flagged=melanoma_score >= threshold,
-                **{probability_column(label): float(p) for label, p in zip(CLASS_NAMES, probabilities, strict=True)},
-            )
-            session.add_all([prediction, _sighting(image, arrival)])
-            if prediction.flagged:
+            known = _known_images(session, {a.sha256 for a in arrivals}, card.sha256)
+            outcomes: list[Outcome] = []
+            stored: list[_Arrival] = []
+            failed: list[_Arrival] = []
+            new_images: list[_Arrival] = []
+            to_predict: list[_Arrival] = []
+            for arrival in arrivals:
+                image = known.get(arrival.sha256)
+                if image is not None and image.verdict is not None:
+                    outcomes.append(Outcome(arrival.name, "seen before", image.verdict.describe()))
+                    stored.append(arrival)
+                    log.info("%s: same bytes as %s, already classified", arrival.name, image.name)
+                elif arrival.error is not None:
+                    failed.append(arrival)
+                else:
+                    if image is None:
+                        new_images.append(arrival)
+                        image = _KnownImage(None, arrival.name, None)
+                    image.verdict = _Verdict.of(arrival, threshold)
+                    known[arrival.sha256] = image
+                    to_predict.append(arrival)
+                    outcomes.append(Outcome(arrival.name, "classified", image.verdict.describe()))
+                    stored.append(arrival)
+                    log.info("%s: %s", arrival.name, image.verdict.describe())
+            if new_images:
+                ids = session.scalars(insert(IMAGES).returning(IMAGES.c.id, sort_by_parameter_order=True),
+                                      [self._image_row(a, now) for a in new_images]).all()
+                for arrival, image_id in zip(new_images, ids, strict=True):
+                    known[arrival.sha256].id = image_id
+            if to_predict:
+                rows = [self._prediction_row(known[a.sha256], now) for a in to_predict]
+                ids = session.scalars(insert(PREDICTIONS).returning(PREDICTIONS.c.id, sort_by_parameter_order=True),
+                                      rows).all()
                 # Queued in the same transaction: an alert owed is never lost to a crash.
-                now = utc_now()
-                session.add_all(
-                    Alert(prediction=prediction, channel=channel, created_at=now, next_attempt_at=now)
-                    for channel in self.alert_channels
-                )
-        self._archive(arrival.item, arrival.sha256, arrival.received_at)
-        outcome = Outcome(arrival.name, "classified", _describe(prediction))
-        log.info("%s: %s", outcome.name, outcome.detail)
-        return outcome
+                alerts = [{"prediction_id": prediction_id, "channel": channel, "created_at": now,
+                           "next_attempt_at": now}
+                          for row, prediction_id in zip(rows, ids, strict=True) if row["flagged"]
+                          for channel in self.alert_channels]
+                if alerts:
+                    session.execute(insert(Alert.__table__), alerts)
+            if stored:
+                session.execute(insert(Sighting.__table__), [_sighting_row(known[a.sha256].id, a) for a in stored])
+        return outcomes, stored, failed
+
+    def _image_row(self, arrival: _Arrival, now: datetime) -> dict:
+        return {
+            "sha256": arrival.sha256,
+            "original_name": arrival.name,
+            "received_at": arrival.received_at,
+            "processed_at": now,
+            "bytes": arrival.size,
+            "format": arrival.format,
+            "width": arrival.width,
+            "height": arrival.height,
+            "archive_path": str(self.archive_target(arrival.item.original_name, arrival.sha256, arrival.received_at)),
+        }
+
+    def _prediction_row(self, image: _KnownImage, now: datetime) -> dict:
+        verdict = image.verdict
+        return {
+            "image_id": image.id,
+            "model_version": self.card.version,
+            "model_sha256": self.card.sha256,
+            "created_at": now,
+            "top_label": verdict.top_label,
+            "melanoma_score": verdict.melanoma_score,
+            "threshold": verdict.threshold,
+            "flagged": verdict.flagged,
+            **{probability_column(label): float(p)
+               for label, p in zip(CLASS_NAMES, verdict.probabilities, strict=True)},
+        }
+
+    def _finish_recorded(self, items: list[Claimed]) -> tuple[list[Outcome], list[Claimed]]:
+        """After a crash: arrivals whose result is committed only need their files moved.
+        Returns their outcomes, and the arrivals that still need processing."""
+        tokens = [item.token for item in items]
+        with self.sessions() as session:
+            archived = {claim: (sha256, received_at) for claim, sha256, received_at in session.execute(
+                select(Sighting.claim, Image.sha256, Sighting.received_at).join(Sighting.image)
+                .where(Sighting.claim.in_(tokens)))}
+            rejected = {claim: reason for claim, reason in session.execute(
+                select(Rejection.claim, Rejection.reason).where(Rejection.claim.in_(tokens)))}
+        outcomes, unrecorded = [], []
+        for item in items:
+            name = display_name(item.original_name)
+            if item.token in archived:
+                self._archive(item, *archived[item.token])
+                outcomes.append(Outcome(name, "classified", "recovered after restart"))
+            elif item.token in rejected:
+                self._quarantine(item)
+                outcomes.append(Outcome(name, "rejected", rejected[item.token]))
+            else:
+                unrecorded.append(item)
+        return outcomes, unrecorded
 
     def _reject(self, arrival: _Arrival, reason: str) -> Outcome:
         item = arrival.item
         with session_scope(self.sessions) as session:
             session.add(
                 rejection(item.token, item.original_name, reason, self.paths.quarantine / _quarantine_name(item),
-                          sha256=arrival.sha256, size=len(arrival.data) if arrival.sha256 else None,
+                          sha256=arrival.sha256, size=arrival.size if arrival.sha256 else None,
                           at=arrival.received_at)
             )
         self._quarantine(item)
@@ -314,12 +369,12 @@ def open_processor(settings: Settings) -> Processor:
     """
     engine = make_engine(settings.database_url, settings.busy_timeout_seconds)
     ensure_schema(engine)
-    classifier = load_classifier(settings.model.path, settings.model.threads)
+    lanes = open_lanes(settings.model.path, settings.model.threads)
     ensure_folders(settings)
     membership = Membership(engine, settings.paths.work, settings.worker_lease_seconds) \
         if cooperative(settings.database_url) else None
-    return Processor(settings.paths, engine, classifier, settings.max_pixels, settings.alerts.channels,
-                     settings.reports.timezone, membership)
+    return Processor(settings.paths, engine, lanes, settings.max_pixels, settings.model.batch_size,
+                     settings.alerts.channels, settings.reports.timezone, membership)
 
 
 def _blame(error: Exception) -> str:
@@ -353,28 +408,68 @@ def rejection(claim: str, raw_name: str, reason: str, where: Path | str, *, sha2
                      sha256=sha256, bytes=size, reason=reason, rejected_at=at or utc_now(), quarantine_path=str(where))
 
 
+def _batches(arrivals: Iterator[_Arrival], size: int) -> Iterator[list[_Arrival]]:
+    batch: list[_Arrival] = []
+    for arrival in arrivals:
+        batch.append(arrival)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _quarantine_name(item: Claimed) -> str:
     return fitted_name(f"{item.token}-", item.original_name, PLACED_NAME_MAX)
 
 
-def _prediction_by(image: Image | None, model_sha256: str) -> Prediction | None:
-    if image is None:
-        return None
-    return next((p for p in image.predictions if p.model_sha256 == model_sha256), None)
+@dataclass
+class _Verdict:
+    """What the model said about one image, and whether that is an alert."""
+
+    top_label: str
+    melanoma_score: float
+    threshold: float
+    flagged: bool
+    probabilities: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, arrival: _Arrival, threshold: float) -> _Verdict:
+        probabilities = arrival.probabilities
+        score = float(probabilities[CLASS_NAMES.index(MELANOMA)])
+        return cls(CLASS_NAMES[int(np.argmax(probabilities))], score, threshold, score >= threshold,
+                   tuple(float(p) for p in probabilities))
+
+    def describe(self) -> str:
+        flag = " FLAGGED" if self.flagged else ""
+        return f"{self.top_label}, P(melanoma) {self.melanoma_score:.3f}{flag}"
 
 
-def _sighting(image: Image, arrival: _Arrival) -> Sighting:
-    return Sighting(
-        image=image,
-        claim=arrival.item.token,
-        original_name=arrival.name,
-        original_name_bytes=name_bytes(arrival.item.original_name),
-        received_at=arrival.received_at,
-        sidecar=arrival.sidecar,
+@dataclass
+class _KnownImage:
+    id: int | None  # None until inserted
+    name: str
+    verdict: _Verdict | None  # this model's, if it classified the image
+
+
+def _known_images(session: Session, sha256s: set[str], model_sha256: str) -> dict[str, _KnownImage]:
+    """The stored images among ``sha256s``, each with this model's verdict if there is one."""
+    rows = session.execute(
+        select(Image.sha256, Image.id, Image.original_name, Prediction.top_label, Prediction.melanoma_score,
+               Prediction.threshold, Prediction.flagged)
+        .outerjoin(Prediction, (Prediction.image_id == Image.id) & (Prediction.model_sha256 == model_sha256))
+        .where(Image.sha256.in_(sha256s))
     )
+    return {sha256: _KnownImage(image_id, name, None if label is None else _Verdict(label, score, threshold, flagged))
+            for sha256, image_id, name, label, score, threshold, flagged in rows}
 
 
-def _describe(prediction: Prediction) -> str:
-    flag = " FLAGGED" if prediction.flagged else ""
-    return f"{prediction.top_label}, P(melanoma) {prediction.melanoma_score:.3f}{flag}"
-
+def _sighting_row(image_id: int, arrival: _Arrival) -> dict:
+    return {
+        "image_id": image_id,
+        "claim": arrival.item.token,
+        "original_name": arrival.name,
+        "original_name_bytes": name_bytes(arrival.item.original_name),
+        "received_at": arrival.received_at,
+        "sidecar": arrival.sidecar,
+    }

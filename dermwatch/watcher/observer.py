@@ -51,6 +51,8 @@ class IntakeHandler(FileSystemEventHandler):
 
     @staticmethod
     def _if_candidate(raw: str | bytes, action) -> None:
+        if not raw:  # the outside end of a move into or out of the intake folder
+            return
         path = Path(os.fsdecode(raw))
         if is_taken(path.name):
             action(path)
@@ -58,11 +60,22 @@ class IntakeHandler(FileSystemEventHandler):
 
 def start_observer(intake: Path, tracker: SettleTracker, *, polling: bool, poll_seconds: float = 1.0) -> BaseObserver:
     """Watch ``intake`` recursively; inotify by default, stat polling for network shares."""
-    observer: BaseObserver = PollingObserver(timeout=poll_seconds) if polling else Observer()
+    observer: BaseObserver = PollingObserver(timeout=poll_seconds) if polling else _event_observer()
     observer.schedule(IntakeHandler(tracker), str(intake), recursive=True)
     observer.daemon = True
     observer.start()
     return observer
+
+
+def _event_observer() -> BaseObserver:
+    """inotify with full move events: a file renamed in from outside the intake folder is then a
+    move (whole at once, taken at once), not a creation that must first be quiet for
+    settle_seconds."""
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except ImportError:  # not Linux: the platform's own observer
+        return Observer()
+    return InotifyObserver(generate_full_events=True)
 
 
 def scan(intake: Path, tracker: SettleTracker) -> int:

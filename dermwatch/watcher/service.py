@@ -16,6 +16,8 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -38,6 +40,9 @@ from dermwatch.watcher.settle import SettleTracker
 
 log = logging.getLogger(__name__)
 
+#: Most files taken in one step. The lanes classify while the step claims and stores, so a
+#: long step keeps them busy through a burst; the loop beats and scans between steps.
+TAKE_PER_STEP = 256
 #: Longest the loop sleeps between looks at the tracker.
 TICK_SECONDS = 0.2
 #: How soon a sidecar waiting for its image (or its grace period) is looked at again.
@@ -57,7 +62,7 @@ def run_service(settings: Settings) -> None:
     processor = open_processor(settings)
     membership = processor.membership
     health = Health(worker_status_file(membership.id) if membership else STATUS_FILE)
-    intake = Intake(settings, processor, health)
+    intake = Intake(settings, processor, health, stop)
     status_engine = make_engine(settings.database_url, STATUS_BUSY_TIMEOUT_SECONDS)
 
     observer = start_observer(settings.paths.intake, intake.tracker, polling=settings.watcher.polling)
@@ -107,7 +112,7 @@ def run_service(settings: Settings) -> None:
             _guarded_leave(membership)
             (settings.paths.state / health.status_file).unlink(missing_ok=True)
         notifier.close()
-        processor.engine.dispose()
+        processor.close()
         status_engine.dispose()
         if lock is not None:
             lock.release()
@@ -140,8 +145,9 @@ def _guarded_leave(membership: Membership) -> None:
 class Intake:
     """Takes settled files and sees each through the pipeline, waiting out passing faults."""
 
-    def __init__(self, settings: Settings, processor: Processor, health: Health) -> None:
+    def __init__(self, settings: Settings, processor: Processor, health: Health, stopping: threading.Event) -> None:
         self.settings = settings
+        self.stopping = stopping  # set: claim nothing more, finish what is in hand
         self.processor = processor
         self.health = health
         watcher = settings.watcher
@@ -159,7 +165,7 @@ class Intake:
                 self.processor.resume(self.in_hand)
                 self.in_hand = []
             else:
-                ready = self.tracker.take_ready(self.settings.model.batch_size)
+                ready = self.tracker.take_ready(TAKE_PER_STEP)
                 if not ready:
                     return False
                 self._take(ready)
@@ -173,16 +179,6 @@ class Intake:
         return True
 
     def _take(self, ready: list[Path]) -> None:
-        images = [p for p in ready if not is_sidecar(p.name)]
-        for index, path in enumerate(images):
-            try:
-                claimed = self.processor.claim(path)
-            except BaseException:
-                for waiting in images[index:]:  # not taken: offered again after the fault
-                    self.tracker.defer(waiting, 0)
-                raise
-            if claimed is not None:
-                self.in_hand.append(claimed)
         for path in (p for p in ready if is_sidecar(p.name)):
             try:
                 done = settle_sidecar(self.processor, path, self.settings.watcher.sidecar_grace_seconds)
@@ -191,9 +187,26 @@ class Intake:
                 raise
             if not done:
                 self.tracker.defer(path, SIDECAR_RECHECK_SECONDS)
-        if self.in_hand:
-            self.processor.resume(self.in_hand)
-            self.in_hand = []
+        self.processor.process(self._claim_each([p for p in ready if not is_sidecar(p.name)]))
+        self.in_hand = []
+
+    def _claim_each(self, paths: list[Path]) -> Iterator[Claimed]:
+        """Claim files as the lanes ask for them, so claiming overlaps classifying.
+
+        Every claim is kept in ``in_hand`` until the step ends, to be resumed after a fault;
+        files not claimed by then (a fault, or a stop) are offered again.
+        """
+        remaining = deque(paths)
+        try:
+            while remaining and not self.stopping.is_set():
+                claimed = self.processor.claim(remaining[0])
+                remaining.popleft()
+                if claimed is not None:
+                    self.in_hand.append(claimed)
+                    yield claimed
+        finally:
+            for path in remaining:
+                self.tracker.defer(path, 0)
 
     def _fault(self, error: Exception) -> None:
         fault = as_transient(error)
