@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 _reported: set[str] = set()  # unlistable folders already logged
 
 
+#: The events the tracker learns from; the rest (folder changes among them) are not even dispatched.
+HANDLED_EVENTS = [FileMovedEvent, FileOpenedEvent, FileClosedEvent, FileClosedNoWriteEvent, FileCreatedEvent,
+                  FileModifiedEvent]
+
+
 class IntakeHandler(FileSystemEventHandler):
     """Reports every event on a candidate file to the tracker; ignores everything else."""
 
@@ -61,7 +66,7 @@ class IntakeHandler(FileSystemEventHandler):
 def start_observer(intake: Path, tracker: SettleTracker, *, polling: bool, poll_seconds: float = 1.0) -> BaseObserver:
     """Watch ``intake`` recursively; inotify by default, stat polling for network shares."""
     observer: BaseObserver = PollingObserver(timeout=poll_seconds) if polling else _event_observer()
-    observer.schedule(IntakeHandler(tracker), str(intake), recursive=True)
+    observer.schedule(IntakeHandler(tracker), str(intake), recursive=True, event_filter=HANDLED_EVENTS)
     observer.daemon = True
     observer.start()
     return observer

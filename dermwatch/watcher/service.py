@@ -40,9 +40,10 @@ from dermwatch.watcher.settle import SettleTracker
 
 log = logging.getLogger(__name__)
 
-#: Most files taken in one step. The lanes classify while the step claims and stores, so a
-#: long step keeps them busy through a burst; the loop beats and scans between steps.
-TAKE_PER_STEP = 256
+#: Longest a step keeps taking newly settled files. The lanes classify while the step claims
+#: and stores, so a long step keeps them busy through a burst; the loop beats and scans
+#: between steps.
+STEP_SECONDS = 5.0
 #: Longest the loop sleeps between looks at the tracker.
 TICK_SECONDS = 0.2
 #: How soon a sidecar waiting for its image (or its grace period) is looked at again.
@@ -165,7 +166,7 @@ class Intake:
                 self.processor.resume(self.in_hand)
                 self.in_hand = []
             else:
-                ready = self.tracker.take_ready(TAKE_PER_STEP)
+                ready = self.tracker.take_ready(self.settings.model.batch_size)
                 if not ready:
                     return False
                 self._take(ready)
@@ -179,34 +180,41 @@ class Intake:
         return True
 
     def _take(self, ready: list[Path]) -> None:
-        for path in (p for p in ready if is_sidecar(p.name)):
-            try:
-                done = settle_sidecar(self.processor, path, self.settings.watcher.sidecar_grace_seconds)
-            except BaseException:
-                self.tracker.defer(path, SIDECAR_RECHECK_SECONDS)
-                raise
-            if not done:
-                self.tracker.defer(path, SIDECAR_RECHECK_SECONDS)
-        self.processor.process(self._claim_each([p for p in ready if not is_sidecar(p.name)]))
+        self.processor.process(self._claim_each(ready))
         self.in_hand = []
 
-    def _claim_each(self, paths: list[Path]) -> Iterator[Claimed]:
-        """Claim files as the lanes ask for them, so claiming overlaps classifying.
+    def _claim_each(self, ready: list[Path]) -> Iterator[Claimed]:
+        """Claim files as the lanes ask for them, so claiming overlaps classifying, and keep
+        taking files that settle meanwhile for up to STEP_SECONDS: a burst flows through
+        without the lanes waiting at the end of each step.
 
         Every claim is kept in ``in_hand`` until the step ends, to be resumed after a fault;
-        files not claimed by then (a fault, or a stop) are offered again.
+        files not taken by then (a fault, or a stop) are offered again.
         """
-        remaining = deque(paths)
+        waiting = deque(ready)
+        until = time.monotonic() + STEP_SECONDS
         try:
-            while remaining and not self.stopping.is_set():
-                claimed = self.processor.claim(remaining[0])
-                remaining.popleft()
+            while not self.stopping.is_set():
+                if not waiting:
+                    if time.monotonic() >= until:
+                        return
+                    waiting.extend(self.tracker.take_ready(self.settings.model.batch_size))
+                    if not waiting:
+                        return
+                path = waiting[0]
+                if is_sidecar(path.name):
+                    if not settle_sidecar(self.processor, path, self.settings.watcher.sidecar_grace_seconds):
+                        self.tracker.defer(path, SIDECAR_RECHECK_SECONDS)
+                    waiting.popleft()
+                    continue
+                claimed = self.processor.claim(path)
+                waiting.popleft()
                 if claimed is not None:
                     self.in_hand.append(claimed)
                     yield claimed
         finally:
-            for path in remaining:
-                self.tracker.defer(path, 0)
+            for path in waiting:
+                self.tracker.defer(path, SIDECAR_RECHECK_SECONDS if is_sidecar(path.name) else 0)
 
     def _fault(self, error: Exception) -> None:
         fault = as_transient(error)

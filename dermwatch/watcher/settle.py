@@ -6,7 +6,8 @@ changed for ``settle_seconds``. Polling (network shares) only has the second rul
 
 A JPEG or PNG that does not end the way such a file ends (a writer that reopens and
 appends per chunk, a copy that pauses) is left for up to ``incomplete_seconds`` of quiet
-before it is taken anyway, and then quarantined as truncated if it really is.
+before it is taken anyway, and then quarantined as truncated if it really is. A file renamed
+into place is whole by then and is not opened to check.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class _Candidate:
     stable_since: float = 0.0
     writers: int = 0
     complete: bool = False  # closed after writing, or renamed into place
+    moved_in: bool = False  # renamed into place: whole, so not even opened to check its end
     not_before: float = 0.0  # deferred: not offered again before this (monotonic) time
 
 
@@ -41,7 +43,7 @@ class SettleTracker:
         """A file exists or changed; it must be quiet (or closed) before it is taken."""
         with self._lock:
             candidate = self._candidates.setdefault(path, _Candidate())
-            candidate.complete = False
+            candidate.complete = candidate.moved_in = False
             candidate.signature = None
         self.changed.set()
 
@@ -57,7 +59,7 @@ class SettleTracker:
         with self._lock:
             candidate = self._candidates.setdefault(path, _Candidate())
             candidate.writers += 1
-            candidate.complete = False
+            candidate.complete = candidate.moved_in = False
         self.changed.set()
 
     def closed(self, path: Path, wrote: bool) -> None:
@@ -71,7 +73,7 @@ class SettleTracker:
         """Renamed into the folder: its content is already complete."""
         with self._lock:
             candidate = self._candidates.setdefault(path, _Candidate())
-            candidate.complete = True
+            candidate.complete = candidate.moved_in = True
         self.changed.set()
 
     def defer(self, path: Path, seconds: float) -> None:
@@ -105,7 +107,7 @@ class SettleTracker:
                     continue
                 quiet_for = now - candidate.stable_since
                 if (candidate.complete or quiet_for >= self.settle_seconds) and (
-                    quiet_for >= self.incomplete_seconds or looks_whole(path)
+                    candidate.moved_in or quiet_for >= self.incomplete_seconds or looks_whole(path)
                 ):
                     del self._candidates[path]
                     ready.append(path)
