@@ -48,7 +48,9 @@ def make_photos(data: Path, out: Path, count: int, seed: int = 0) -> list[Path]:
     photos = []
     for i, source in enumerate(sources[:count]):
         path = out / f"photo-{i:04d}.jpg"
-        Image.open(source).convert("RGB").resize(FULL_SIZE, Image.Resampling.BICUBIC).save(path, "JPEG", quality=92)
+        # The comment makes every file distinct, even where the data set holds the same photo twice.
+        Image.open(source).convert("RGB").resize(FULL_SIZE, Image.Resampling.BICUBIC).save(
+            path, "JPEG", quality=92, comment=f"dermwatch bench photo {i}")
         photos.append(path)
     return photos
 

@@ -80,8 +80,9 @@ def _send_digests(engine: Engine, settings: AlertSettings, site_name: str, zone)
     with Session(engine) as session:
         for channel in settings.channels:
             now = utc_now()
-            owed = select(Alert).where(Alert.channel == channel, Alert.sent_at.is_(None))
-            oldest = session.scalar(select(func.min(Alert.created_at)).select_from(owed.subquery()))
+            # The oldest alert still owed on this channel (sent ones do not hold a digest back).
+            oldest = session.scalar(select(func.min(Alert.created_at))
+                                    .where(Alert.channel == channel, Alert.sent_at.is_(None)))
             if oldest is None or now - oldest < window:
                 continue
             due = session.scalars(select(Alert.id).where(Alert.channel == channel, Alert.sent_at.is_(None),

@@ -331,7 +331,7 @@ def flagged_arrival(settings: Settings) -> None:
     from dermwatch.pipeline.process import open_processor
 
     processor = open_processor(settings)
-    object.__setattr__(processor.classifier.card, "melanoma_threshold", 1e-6)
+    object.__setattr__(processor.card, "melanoma_threshold", 1e-6)
     image = write_jpeg(settings.paths.intake / "shoulder.jpg", seed=77)
     (settings.paths.intake / "shoulder.json").write_text('{"patient_reference": "P-7", "body_site": "shoulder"}')
     (outcome,) = processor.process([processor.claim(image)])
@@ -394,6 +394,11 @@ digest_minutes = 0.03
         clock.sleep(2)
         assert send_pending(engine, settings.alerts, "Praxis Nord", settings.reports.timezone) == 10
         assert send_pending(engine, settings.alerts, "Praxis Nord", settings.reports.timezone) == 0
+        # A later flag waits for its own window: the alerts already sent do not make it due.
+        write_jpeg(tmp_path / "later" / "later.jpg", seed=520)
+        assert CliRunner().invoke(cli, ["process", "--config", str(config), str(tmp_path / "later")]).exit_code == 0
+        assert send_pending(engine, settings.alerts, "Praxis Nord", settings.reports.timezone) == 0
+        assert len(inbox.messages) == 1
     finally:
         controller.stop()
     (message,) = inbox.messages

@@ -82,6 +82,17 @@ def test_file_written_slowly_is_processed_once_when_complete(config_file: Path, 
         assert session.scalars(select(ImageRow)).one().bytes == len(data)
 
 
+def test_a_file_renamed_into_intake_is_taken_at_once(config_file: Path, start_service) -> None:
+    # Renamed in whole (the way a careful uploader finishes): no quiet period to wait out.
+    config_file.write_text(config_file.read_text().replace("settle_seconds = 0.5", "settle_seconds = 60"))
+    settings = load_settings(config_file)
+    service = start_service()
+    staged = write_jpeg(config_file.parent / "staged.jpg", seed=41)
+    staged.rename(settings.paths.intake / "renamed.jpg")
+    wait_until(lambda: totals(settings)["predictions"] == 1, 15, "the renamed file, long before settle_seconds")
+    assert service.stop() == 0
+
+
 def test_same_bytes_dropped_twice_into_the_service(start_service, settings: Settings) -> None:
     service = start_service()
     first = drop(settings.paths.intake, "first.jpg", seed=21)

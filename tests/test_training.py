@@ -129,8 +129,9 @@ def test_split_keeps_lesion_groups_together_and_is_repeatable(planted: dict[str,
     assert "melanoma" in val_labels and len(val_labels) >= 8  # stratified: nearly every class
 
 
-def test_training_and_service_preprocess_identically(tmp_path: Path, settings) -> None:
+def test_training_and_service_preprocess_identically(tmp_path: Path, settings, monkeypatch) -> None:
     """One full-size photo through the training loader and through the service pipeline."""
+    from dermwatch.pipeline.classifier import Classifier
     from dermwatch.pipeline.process import open_processor
     from dermwatch.training.audit import ManifestRow
     from dermwatch.training.data import load_arrays
@@ -140,18 +141,17 @@ def test_training_and_service_preprocess_identically(tmp_path: Path, settings) -
                       folder_label="nevus", resolved_label="nevus", label_source="folder", lesion_group="g",
                       split="train", dropped="", note="")
     processor = open_processor(settings)
-    size = processor.classifier.input_size
-    trained_on, _ = load_arrays([row], size)
+    trained_on, _ = load_arrays([row], processor.lanes.input_size)
     claimed = processor.claim(photo)
 
     seen_by_model = []
-    real_predict = processor.classifier.predict
+    real_predict = Classifier.predict
 
-    def recording_predict(pixels: np.ndarray) -> np.ndarray:
+    def recording_predict(self: Classifier, pixels: np.ndarray) -> np.ndarray:
         seen_by_model.append(pixels.copy())
-        return real_predict(pixels)
+        return real_predict(self, pixels)
 
-    processor.classifier.predict = recording_predict
+    monkeypatch.setattr(Classifier, "predict", recording_predict)
     assert processor.process([claimed])[0].status == "classified"
     np.testing.assert_array_equal(seen_by_model[0][0], trained_on[0])
 
