@@ -97,7 +97,9 @@ def run_service(settings: Settings) -> None:
                 notifier.send(WATCHDOG="1", STATUS=line)
                 health.publish(settings.paths.state, line)
                 next_beat = now + heartbeat
-            if intake.step():
+            # A step ends in time for the next heartbeat: a worker busy with a burst must
+            # still renew its lease, or another would take over the files in its hands.
+            if intake.step(until=min(next_beat, now + STEP_SECONDS)):
                 continue
             intake.tracker.changed.wait(TICK_SECONDS)
             intake.tracker.changed.clear()
@@ -157,7 +159,7 @@ class Intake:
         self.backoff = Backoff()
         self.retry_at = 0.0
 
-    def step(self) -> bool:
+    def step(self, until: float) -> bool:
         """Do one piece of work; False when there was nothing to do (or a fault to wait out)."""
         if time.monotonic() < self.retry_at:
             return False
@@ -169,7 +171,7 @@ class Intake:
                 ready = self.tracker.take_ready(self.settings.model.batch_size)
                 if not ready:
                     return False
-                self._take(ready)
+                self._take(ready, until)
         except Exception as error:  # noqa: BLE001 - every fault is waited out; see _fault
             self._fault(error)
             return False
@@ -179,20 +181,19 @@ class Intake:
             self.processor.membership.tidy()
         return True
 
-    def _take(self, ready: list[Path]) -> None:
-        self.processor.process(self._claim_each(ready))
+    def _take(self, ready: list[Path], until: float) -> None:
+        self.processor.process(self._claim_each(ready, until))
         self.in_hand = []
 
-    def _claim_each(self, ready: list[Path]) -> Iterator[Claimed]:
+    def _claim_each(self, ready: list[Path], until: float) -> Iterator[Claimed]:
         """Claim files as the lanes ask for them, so claiming overlaps classifying, and keep
-        taking files that settle meanwhile for up to STEP_SECONDS: a burst flows through
+        taking files that settle meanwhile until ``until`` (monotonic): a burst flows through
         without the lanes waiting at the end of each step.
 
         Every claim is kept in ``in_hand`` until the step ends, to be resumed after a fault;
         files not taken by then (a fault, or a stop) are offered again.
         """
         waiting = deque(ready)
-        until = time.monotonic() + STEP_SECONDS
         try:
             while not self.stopping.is_set():
                 if not waiting:
