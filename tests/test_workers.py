@@ -52,7 +52,9 @@ def test_two_workers_share_a_burst_and_a_killed_one_costs_nothing(config_file: P
     sent = tmp_path / "alerts.log"
     on_postgres(config_file, postgres_server.new_database(),
                 f"""[alerts]\ncommand = "sh -c 'echo $DERMWATCH_IMAGE_ID >> {sent}'"\n""")
-    config_file.write_text(config_file.read_text().replace(str(tiny_model), str(flag_everything_model)))
+    # Small batches: each worker commits within its first few files, so both take part before the kill.
+    config_file.write_text(config_file.read_text().replace(str(tiny_model), str(flag_everything_model))
+                           .replace("threads = 1", "threads = 1\nbatch_size = 4"))
     settings = load_settings(config_file)
     workers = [Service(config_file, tmp_path / f"worker-{n}.log") for n in range(2)]
     try:
