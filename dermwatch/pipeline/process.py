@@ -197,7 +197,10 @@ class Processor:
                 return [self._reject(arrivals[0], _blame(error))]
             # Another process (`dermwatch process` beside the service, or another worker) stored
             # the same bytes a moment ago: committed again, this arrival is a sighting of that image.
-            outcomes, stored, failed = _guarded(lambda: self._commit(arrivals))
+            try:
+                outcomes, stored, failed = self._commit(arrivals)
+            except Exception as again:  # noqa: BLE001 - as above
+                return [self._reject(arrivals[0], _blame(again))]
         for arrival in stored:
             _guarded(lambda arrival=arrival: self._archive(arrival.item, arrival.sha256, arrival.received_at))
         return outcomes + [self._reject(arrival, _blame(arrival.error)) for arrival in failed]
