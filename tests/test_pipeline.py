@@ -237,6 +237,19 @@ def test_bad_sidecar_quarantines_image_and_sidecar(processor: Processor, setting
     assert quarantined == ["arm.jpg", "arm.json"]
 
 
+def test_a_bad_sidecar_is_refused_even_with_an_image_seen_before(processor: Processor, settings: Settings) -> None:
+    image = write_jpeg(settings.paths.intake / "arm.jpg", seed=11)
+    again = settings.paths.intake.parent / "again.jpg"
+    again.write_bytes(image.read_bytes())
+    assert run_one(processor, image).status == "classified"
+    again = again.rename(settings.paths.intake / "again.jpg")
+    (settings.paths.intake / "again.json").write_text("{not json")
+    outcome = run_one(processor, again)
+    assert outcome.status == "rejected" and "not valid JSON" in outcome.detail
+    assert sorted(p.name.partition("-")[2] for p in settings.paths.quarantine.iterdir()) == ["again.jpg", "again.json"]
+    assert totals(settings)["sightings"] == 1
+
+
 def test_a_file_that_vanished_before_its_claim_is_skipped(processor: Processor, settings: Settings) -> None:
     assert processor.claim(settings.paths.intake / "gone.jpg") is None
     assert totals(settings) == {"images": 0, "sightings": 0, "predictions": 0, "flagged": 0, "quarantined": 0}

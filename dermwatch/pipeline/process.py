@@ -54,7 +54,7 @@ from dermwatch.threshold import threshold_in_force
 log = logging.getLogger(__name__)
 
 # The bulk inserts of a batch go through the tables, not the ORM: half the CPU per row.
-IMAGES, PREDICTIONS = Image.__table__, Prediction.__table__
+IMAGES, PREDICTIONS, SIGHTINGS, ALERTS = Image.__table__, Prediction.__table__, Sighting.__table__, Alert.__table__
 #: Claim tokens looked up in one query when resuming arrivals after a crash.
 RECORDED_LOOKUP = 500
 
@@ -74,13 +74,15 @@ class _Arrival:
     item: Claimed
     received_at: datetime
     size: int = 0
-    sha256: str | None = None  # None: the file could not even be read
+    sha256: str | None = None
     sidecar: dict[str, str] | None = None
     format: str = ""
     width: int = 0
     height: int = 0
     probabilities: np.ndarray | None = None
     error: Exception | None = None  # why it could not be read, decoded or classified
+    # The file or its sidecar could not be read: rejected even when its bytes were seen before.
+    unreadable: bool = False
 
     @property
     def name(self) -> str:
@@ -152,6 +154,10 @@ class Processor:
         """In a lane: read, hash, decode and classify one arrival; a failure is kept, not raised."""
         try:
             data = self._read(arrival)
+        except Exception as error:  # noqa: BLE001 - judged in the service's thread by _blame
+            arrival.error, arrival.unreadable = error, True
+            return arrival
+        try:
             decoded, pixels = read_model_input(data, classifier.input_size, max_pixels=self.max_pixels)
             arrival.format, arrival.width, arrival.height = decoded.format, decoded.width, decoded.height
             arrival.probabilities = classifier.predict(pixels[np.newaxis])[0]
@@ -166,19 +172,18 @@ class Processor:
         if not path.is_file():
             raise RejectedImage("not a regular file")
         data = path.read_bytes()
-        if not data:
-            raise RejectedImage("empty file (0 bytes)")
         arrival.size = len(data)
         arrival.sha256 = hashlib.sha256(data).hexdigest()
+        if not data:
+            raise RejectedImage("empty file (0 bytes)")
         sidecar_name = display_name(Path(arrival.item.original_name).stem) + ".json"
         arrival.sidecar = read_sidecar(arrival.item.sidecar_path, sidecar_name)
         return data
 
     def _settle(self, batch: list[_Arrival]) -> list[Outcome]:
         """Reject what could not be read; store the rest together, or one by one if that fails."""
-        outcomes = [self._reject(a, _blame(a.error)) for a in batch if a.sha256 is None]
-        readable = [a for a in batch if a.sha256 is not None]
-        return outcomes + self._store(readable)
+        outcomes = [self._reject(a, _blame(a.error)) for a in batch if a.unreadable]
+        return outcomes + self._store([a for a in batch if not a.unreadable])
 
     def _store(self, arrivals: list[_Arrival]) -> list[Outcome]:
         """Commit the batch, then move its files on; a batch that fails is retried one by one,
@@ -241,7 +246,7 @@ class Processor:
                     to_predict.append(arrival)
                     outcomes.append(Outcome(arrival.name, "classified", image.verdict.describe()))
                     stored.append(arrival)
-                    log.info("%s: %s", arrival.name, image.verdict.describe())
+                    log.info("%s: %s", arrival.name, outcomes[-1].detail)
             if new_images:
                 ids = session.scalars(insert(IMAGES).returning(IMAGES.c.id, sort_by_parameter_order=True),
                                       [self._image_row(a, now) for a in new_images]).all()
@@ -257,9 +262,9 @@ class Processor:
                           for row, prediction_id in zip(rows, ids, strict=True) if row["flagged"]
                           for channel in self.alert_channels]
                 if alerts:
-                    session.execute(insert(Alert.__table__), alerts)
+                    session.execute(insert(ALERTS), alerts)
             if stored:
-                session.execute(insert(Sighting.__table__), [_sighting_row(known[a.sha256].id, a) for a in stored])
+                session.execute(insert(SIGHTINGS), [_sighting_row(known[a.sha256].id, a) for a in stored])
         return outcomes, stored, failed
 
     def _image_row(self, arrival: _Arrival, now: datetime) -> dict:
