@@ -153,6 +153,14 @@ class Service:
         self.notify_path.unlink(missing_ok=True)
         self.log.close()
 
+    def discard(self) -> None:
+        """After a test, pass or fail: kill the service if it still runs, and close what it held."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if not self.log.closed:
+            self.close()
+
 
 @pytest.fixture
 def start_service(config_file: Path, tmp_path: Path) -> Iterator[Callable[[], Service]]:
@@ -166,11 +174,7 @@ def start_service(config_file: Path, tmp_path: Path) -> Iterator[Callable[[], Se
 
     yield start
     for service in started:
-        if service.process.poll() is None:
-            service.process.kill()
-            service.process.wait()
-        if not service.log.closed:
-            service.close()
+        service.discard()
 
 
 @pytest.fixture(scope="session")

@@ -77,11 +77,7 @@ def test_two_workers_share_a_burst_and_a_killed_one_costs_nothing(config_file: P
         assert survivor.stop() == 0
     finally:
         for worker in workers:
-            if worker.process.poll() is None:
-                worker.process.kill()
-                worker.process.wait()
-            if not worker.log.closed:
-                worker.close()
+            worker.discard()
     counts = totals(settings)
     assert (counts["images"], counts["predictions"], counts["sightings"], counts["quarantined"]) == (
         total, total, total, 0)

@@ -14,6 +14,7 @@ import queue
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 from dermwatch.modelcard import ModelCard
@@ -28,11 +29,10 @@ class Lanes:
 
     def __init__(self, classifiers: list[Classifier]) -> None:
         self.card: ModelCard = classifiers[0].card
-        self.count = len(classifiers)
         self._free: queue.SimpleQueue[Classifier] = queue.SimpleQueue()
         for classifier in classifiers:
             self._free.put(classifier)
-        self._pool = ThreadPoolExecutor(self.count, thread_name_prefix="lane")
+        self._pool = ThreadPoolExecutor(len(classifiers), thread_name_prefix="lane")
 
     @property
     def input_size(self) -> int:
@@ -68,7 +68,7 @@ class Lanes:
             self._free.put(classifier)
 
 
-def open_lanes(model_path, count: int) -> Lanes:
+def open_lanes(model_path: Path | None, count: int) -> Lanes:
     """``count`` lanes on the configured model (or the shipped one), each with a one-thread interpreter."""
     first = load_classifier(model_path, threads=1)
     others = [Classifier(first.path, first.card, threads=1) for _ in range(count - 1)]
