@@ -73,14 +73,33 @@ def start_observer(intake: Path, tracker: SettleTracker, *, polling: bool, poll_
 
 
 def _event_observer() -> BaseObserver:
-    """inotify with full move events: a file renamed in from outside the intake folder is then a
-    move (whole at once, taken at once), not a creation that must first be quiet for
-    settle_seconds."""
+    """inotify on Linux (see :func:`_arrivals_observer`), the platform's own observer elsewhere."""
     try:
-        from watchdog.observers.inotify import InotifyObserver
-    except ImportError:  # not Linux: the platform's own observer
+        return _arrivals_observer()
+    except ImportError:
         return Observer()
-    return InotifyObserver(generate_full_events=True)
+
+
+def _arrivals_observer() -> BaseObserver:
+    """inotify with full move events, told only of what comes into the intake folder.
+
+    A file renamed in from outside is then a move (whole at once, taken at once), not a
+    creation that must first be quiet for settle_seconds. Files leaving (the service's own
+    claims, one per image) are not subscribed to: the tracker drops a candidate that is gone
+    when it next looks (``SettleTracker.take_ready``), and watchdog holds every departure for
+    half a second to pair it, searching those it holds on every arrival. With 400 photos
+    landing at once that search cost 0.46 ms of CPU per image (bench/throughput.py).
+    """
+    from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
+    from watchdog.observers.inotify_c import InotifyConstants, Mask
+
+    class ArrivalsEmitter(InotifyFullEmitter):
+        def get_event_mask_from_filter(self) -> Mask:
+            return Mask(super().get_event_mask_from_filter() & ~InotifyConstants.IN_MOVED_FROM)
+
+    observer = InotifyObserver(generate_full_events=True)
+    observer._emitter_class = ArrivalsEmitter  # noqa: SLF001 - watchdog takes no emitter argument here
+    return observer
 
 
 def scan(intake: Path, tracker: SettleTracker) -> int:

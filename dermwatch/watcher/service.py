@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 STEP_SECONDS = 5.0
 #: Longest the loop sleeps between looks at the tracker.
 TICK_SECONDS = 0.2
+#: How long a step waits for the next file to settle before it ends. Ending a step drains the
+#: lanes (its last batch is stored while they idle), so a step should not end in the middle
+#: of a burst merely because the observer's events come a moment later than the files.
+LINGER_SECONDS = 0.1
 #: How soon a sidecar waiting for its image (or its grace period) is looked at again.
 SIDECAR_RECHECK_SECONDS = 1.0
 #: The STATUS= counts wait at most this long for a locked database: the heartbeat that
@@ -197,9 +201,7 @@ class Intake:
         try:
             while not self.stopping.is_set():
                 if not waiting:
-                    if time.monotonic() >= until:
-                        return
-                    waiting.extend(self.tracker.take_ready(self.settings.model.batch_size))
+                    waiting.extend(self._next_ready(until))
                     if not waiting:
                         return
                 path = waiting[0]
@@ -216,6 +218,18 @@ class Intake:
         finally:
             for path in waiting:
                 self.tracker.defer(path, SIDECAR_RECHECK_SECONDS if is_sidecar(path.name) else 0)
+
+    def _next_ready(self, until: float) -> list[Path]:
+        """Files settled since the last look, waiting up to LINGER_SECONDS for one; none once
+        ``until`` has passed."""
+        linger_until = min(time.monotonic() + LINGER_SECONDS, until)
+        while time.monotonic() < linger_until:
+            self.tracker.changed.clear()
+            ready = self.tracker.take_ready(self.settings.model.batch_size)
+            if ready:
+                return ready
+            self.tracker.changed.wait(linger_until - time.monotonic())
+        return []
 
     def _fault(self, error: Exception) -> None:
         fault = as_transient(error)
