@@ -19,6 +19,7 @@ Makes full-size JPEGs (1024x768) by upscaling data-set images, then measures on 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import shutil
@@ -73,6 +74,23 @@ def measure_bound(photos: list[Path], model: Path, cores: int) -> tuple[float, f
     pixels = [read_model_input(d, size, max_pixels=MAX_PIXELS)[1][None] for d in data]
     inference = per_image_seconds(classifier.predict, pixels)
     return decode, inference, cores / (decode + inference)
+
+
+def _decode_and_classify(model: Path, photos: list[Path]) -> float:
+    """Seconds for one process to decode and classify ``photos`` (after a warm-up)."""
+    classifier = load_classifier(model, threads=1)
+    data = [path.read_bytes() for path in photos]
+    def step(d: bytes) -> object:
+        return classifier.predict(read_model_input(d, classifier.input_size, max_pixels=MAX_PIXELS)[1][None])
+    return per_image_seconds(step, data) * len(data)
+
+
+def measure_together(photos: list[Path], model: Path, cores: int) -> float:
+    """images/s of ``cores`` processes decoding and classifying at once: what the cores give
+    in parallel (shared caches, memory, the host), with no service and no GIL in the way."""
+    with multiprocessing.get_context("spawn").Pool(cores) as pool:
+        seconds = pool.starmap(_decode_and_classify, [(model, photos)] * cores)
+    return cores * len(photos) / max(seconds)
 
 
 def write_config(folder: Path, model: Path, database_url: str | None = None) -> Path:
@@ -133,18 +151,30 @@ def burst(photos: list[Path], folder: Path, database_url: str) -> float:
     return elapsed
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def service_run(photos: list[Path], folder: Path, model: Path, workers: int = 1,
-                database_url: str | None = None) -> tuple[float, list[int], list[int], list[int]]:
-    """(images/s, resident KiB at READY, peak KiB, exit codes) for ``workers`` services."""
+                database_url: str | None = None) -> tuple[float, list[int], list[int], list[int], float]:
+    """(images/s, resident KiB at READY, peak KiB, exit codes, CPU s per image) for ``workers`` services.
+
+    The CPU time is the services' own (their start-up excluded), from the first landing until
+    the last commit was seen.
+    """
     folder.mkdir()
     config = write_config(folder, model, database_url)
     services = Services(folder, config, workers)
     try:
+        cpu_before = sum(cpu_seconds(p.pid) for p in services.processes)
         seconds = burst(photos, folder, database_url or f"sqlite:///{folder / 'var' / 'dermwatch.db'}")
+        cpu = sum(cpu_seconds(p.pid) for p in services.processes) - cpu_before
         peak = services.peak_kib()
     finally:
         codes = services.stop()
-    return len(photos) / seconds, services.ready_kib, peak, codes
+    return len(photos) / seconds, services.ready_kib, peak, codes, cpu / len(photos)
 
 
 def process_run(photos: list[Path], folder: Path, model: Path) -> float:
@@ -179,14 +209,20 @@ def main() -> None:
         photos = make_photos(args.data, root / "photos", args.count)
         print(f"{len(photos)} JPEGs of {FULL_SIZE[0]}x{FULL_SIZE[1]}, model {model.name}, {args.cores} cores")
         decode, inference, before = measure_bound(photos, model, args.cores)
-        rate, ready, peak, codes = service_run(photos, root / "service", model)
+        rate, ready, peak, codes, cpu = service_run(photos, root / "service", model)
         decode_after, inference_after, after = measure_bound(photos, model, args.cores)
         bound = (before + after) / 2
+        together = measure_together(photos, model, args.cores)
         print(f"bound: {args.cores} / (decode {decode * 1e3:.2f} ms + one-thread inference {inference * 1e3:.2f} ms)"
               f" = {before:.1f} images/s before the service, {after:.1f} after "
               f"(decode {decode_after * 1e3:.2f} ms, inference {inference_after * 1e3:.2f} ms); mean {bound:.1f}")
         print(f"dermwatch run (SQLite): {rate:.1f} images/s = {rate / bound:.2f}x the bound; resident memory "
               f"{mib(ready)} at READY, peak {mib(peak)}; exit code {codes[0]} on SIGTERM")
+        print(f"  {args.cores} processes decoding and classifying at once, no service: {together:.1f} images/s = "
+              f"{together / bound:.2f}x the bound; the service is {rate / together:.2f}x that")
+        work = args.cores / bound  # decode + inference, the mean of both measurements
+        print(f"  its CPU: {cpu * 1e3:.2f} ms per image, against {work * 1e3:.2f} ms of decode and inference; "
+              f"the cores were busy {cpu * rate / args.cores:.0%} of the burst")
         print(f"dermwatch process: {process_run(photos, root / 'process', model):.1f} images/s (with start-up)")
         if args.postgres:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -194,7 +230,7 @@ def main() -> None:
 
             server = PostgresServer()
             try:
-                rate, ready, peak, codes = service_run(photos, root / "workers", model, workers=2,
+                rate, ready, peak, codes, _ = service_run(photos, root / "workers", model, workers=2,
                                                        database_url=server.new_database())
             finally:
                 server.stop()
