@@ -39,7 +39,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "images": {"max_pixels": 50_000_000},
     "site": {"name": "dermwatch", "timezone": "UTC"},
-    "reports": {"daily_at": "18:00", "refresh_minutes": 15.0, "quiet_seconds": 30.0},
+    "reports": {"daily_at": "18:00", "refresh_minutes": 15.0, "quiet_seconds": 30.0, "cpu_share": 0.25},
     "alerts": {
         "include_reference": False,
         "command": "",
@@ -98,6 +98,7 @@ class ReportSettings:
     daily_at: time  # local time of the daily report
     refresh_minutes: float  # while images keep arriving, today's report is refreshed at least this often
     quiet_seconds: float  # and once no image has arrived for this long (the end of a burst)
+    cpu_share: float  # of one core, for the service's report pictures (reports/budget.py)
 
 
 @dataclass(frozen=True)
@@ -223,8 +224,11 @@ def _report_settings(site: dict[str, Any], reports: dict[str, Any]) -> ReportSet
         daily_at = time.fromisoformat(reports["daily_at"])
     except ValueError:
         raise ConfigError(f"[reports] daily_at {reports['daily_at']!r} is not a time like '18:00'") from None
+    if reports["cpu_share"] > 1:
+        raise ConfigError(f"[reports] cpu_share is a share of one core, at most 1, got {reports['cpu_share']!r}")
     return ReportSettings(site_name=site["name"], timezone=zone, daily_at=daily_at,
-                          refresh_minutes=reports["refresh_minutes"], quiet_seconds=reports["quiet_seconds"])
+                          refresh_minutes=reports["refresh_minutes"], quiet_seconds=reports["quiet_seconds"],
+                          cpu_share=reports["cpu_share"])
 
 
 def _alert_settings(alerts: dict[str, Any]) -> AlertSettings:

@@ -53,6 +53,8 @@ def test_environment_variable_names_the_config(tmp_path: Path, monkeypatch: pyte
         ("[watcher]\nsettle_secs = 1\n", "unknown key [watcher] settle_secs"),
         ("[web]\nport = 1\n", "unknown section [web]"),
         ("[model]\nthreads = 0\n", "[model] threads must be positive"),
+        ("[reports]\ncpu_share = 0\n", "[reports] cpu_share must be positive"),
+        ("[reports]\ncpu_share = 2\n", "[reports] cpu_share is a share of one core, at most 1"),
         ("[watcher]\npolling = \"yes\"\n", "[watcher] polling must be a bool"),
         ("[database]\nurl = \"not a url\"\n", "is not a SQLAlchemy database URL"),
         ("[paths\n", "is not valid TOML"),

@@ -252,7 +252,7 @@ def test_every_printed_page_names_the_site_and_the_day(day_of_images, tmp_path: 
 
 def test_schedule_rules() -> None:
     settings = ReportSettings(site_name="x", timezone=BERLIN, daily_at=time(18, 0), refresh_minutes=15,
-                              quiet_seconds=30)
+                              quiet_seconds=30, cpu_share=0.25)
     morning = datetime(2026, 3, 14, 9, 0, tzinfo=BERLIN)
     schedule = ReportSchedule(settings, {})
     yesterday, today = date(2026, 3, 13), date(2026, 3, 14)
@@ -282,7 +282,7 @@ def test_schedule_rules() -> None:
 
 def test_a_restart_rewrites_a_report_older_than_the_database() -> None:
     settings = ReportSettings(site_name="x", timezone=BERLIN, daily_at=time(18, 0), refresh_minutes=15,
-                              quiet_seconds=30)
+                              quiet_seconds=30, cpu_share=0.25)
     now = datetime(2026, 3, 14, 10, 0, tzinfo=BERLIN)
     written = now - timedelta(minutes=3)  # mid-burst, before the service stopped
     schedule = ReportSchedule(settings, {date(2026, 3, 14): written})
@@ -562,3 +562,49 @@ def test_the_heatmap_leaves_the_dark_dermatoscope_border_out() -> None:
     dark = dark_cells(pixels, np.linspace(0, 64, 9).round().astype(int))
     assert dark[0, 0] and dark[0, 7] and dark[7, 0] and dark[7, 7]  # corners are border
     assert not dark[2:6, 2:6].any()  # the middle is skin
+
+
+def _burn(seconds: float) -> None:
+    started = clock.thread_time()
+    while clock.thread_time() - started < seconds:
+        pass
+
+
+def test_report_pictures_rest_to_stay_within_their_share_of_a_core() -> None:
+    from dermwatch.reports.budget import CpuBudget
+
+    budget = CpuBudget(share=0.25)
+    started = clock.monotonic()
+    with budget.spend():
+        _burn(0.1)
+    assert clock.monotonic() - started >= 0.1 / 0.25 * 0.95  # 0.1 s of CPU, then 0.3 s of rest
+
+
+def test_a_stop_ends_the_pictures_rest_at_once() -> None:
+    import threading
+
+    from dermwatch.reports.budget import CpuBudget
+
+    stopping = threading.Event()
+    stopping.set()
+    started = clock.monotonic()
+    with CpuBudget(share=0.01, stopping=stopping).spend():
+        _burn(0.05)
+    assert clock.monotonic() - started < 3  # not the 5 s of rest 0.05 s at 1 % would ask for
+
+
+def test_the_service_heatmaps_keep_to_the_configured_share(tmp_path: Path, tiny_model: Path) -> None:
+    import threading
+
+    from dermwatch.reports.budget import CpuBudget
+    from dermwatch.reports.pictures import Pictures
+
+    classifier = load_classifier(tiny_model, threads=1)
+    pictures = Pictures(tmp_path / "cache", classifier, max_pixels=10**8, stopping=threading.Event(),
+                        budget=CpuBudget(share=0.2))
+    photos = [write_jpeg(tmp_path / f"p{i}.jpg", seed=i, size=(800, 600)) for i in range(3)]
+    cpu, wall = clock.thread_time(), clock.monotonic()
+    for photo in photos:
+        assert pictures.heatmap(str(photo), f"sha-{photo.stem}", classifier.card.sha256) is not None
+    cpu, wall = clock.thread_time() - cpu, clock.monotonic() - wall
+    assert wall >= cpu / 0.2 * 0.9

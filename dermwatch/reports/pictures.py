@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from dermwatch.labels import CLASS_NAMES, MELANOMA
 from dermwatch.pipeline.classifier import Classifier
 from dermwatch.pipeline.decode import read_model_input, read_rgb
 from dermwatch.reports.atomic import write_atomically
+from dermwatch.reports.budget import CpuBudget
 
 THUMBNAIL_SIDE = 256  # suspected melanoma: big enough to judge
 LIST_THUMBNAIL_SIDE = 96  # every other image: enough to recognise it, and keeps the page small
@@ -37,11 +39,15 @@ class Pictures:
     """Makes and caches the inline pictures of a report."""
 
     def __init__(self, cache_dir: Path, classifier: Classifier | None, max_pixels: int,
-                 stopping: threading.Event | None = None) -> None:
+                 stopping: threading.Event | None = None, budget: CpuBudget | None = None) -> None:
         self.cache_dir = cache_dir
         self.classifier = classifier
         self.max_pixels = max_pixels
         self.stopping = stopping  # heatmaps of a large day take a while: a stop must not wait for them
+        self.budget = budget  # in the service: the share of a core pictures may take from intake
+
+    def _spend(self) -> AbstractContextManager[None]:
+        return self.budget.spend() if self.budget is not None else nullcontext()
 
     def _check_stopping(self) -> None:
         if self.stopping is not None and self.stopping.is_set():
@@ -55,9 +61,10 @@ class Pictures:
             source = Path(archive_path)
             if not source.is_file():
                 return None
-            image = read_rgb(source, max_pixels=self.max_pixels, draft_size=side).image
-            image.thumbnail((side, side), Image.Resampling.LANCZOS)
-            write_atomically(cached, _jpeg(image))
+            with self._spend():
+                image = read_rgb(source, max_pixels=self.max_pixels, draft_size=side).image
+                image.thumbnail((side, side), Image.Resampling.LANCZOS)
+                write_atomically(cached, _jpeg(image))
         return _data_uri(cached.read_bytes())
 
     def heatmap(self, archive_path: str, sha256: str, model_sha256: str) -> str | None:
@@ -70,12 +77,13 @@ class Pictures:
             source = Path(archive_path)
             if not source.is_file():
                 return None
-            # The heatmap starts from the very pixels the service classified.
-            _, pixels = read_model_input(source, self.classifier.input_size, max_pixels=self.max_pixels)
-            heat = occlusion_map(self.classifier, pixels)
-            picture = read_rgb(source, max_pixels=self.max_pixels, draft_size=THUMBNAIL_SIDE).image
-            picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
-            write_atomically(cached, _jpeg(overlay(picture, heat)))
+            with self._spend():
+                # The heatmap starts from the very pixels the service classified.
+                _, pixels = read_model_input(source, self.classifier.input_size, max_pixels=self.max_pixels)
+                heat = occlusion_map(self.classifier, pixels)
+                picture = read_rgb(source, max_pixels=self.max_pixels, draft_size=THUMBNAIL_SIDE).image
+                picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+                write_atomically(cached, _jpeg(overlay(picture, heat)))
         return _data_uri(cached.read_bytes())
 
 

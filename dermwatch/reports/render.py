@@ -23,6 +23,7 @@ from dermwatch.outcomes import outcome_summary
 from dermwatch.pipeline.classifier import Classifier
 from dermwatch.pipeline.sidecar import SIDECAR_KEYS
 from dermwatch.reports.atomic import write_atomically
+from dermwatch.reports.budget import CpuBudget
 from dermwatch.reports.day import ArrivalRow, Day, ImageRow, load_day
 from dermwatch.reports.pictures import LIST_THUMBNAIL_SIDE, Pictures
 from dermwatch.threshold import AlertThreshold, threshold_for
@@ -174,11 +175,11 @@ class Reporter:
     """What rendering needs, opened once: database, model card, picture cache, settings."""
 
     def __init__(self, settings: Settings, engine: Engine, classifier: Classifier | None,
-                 stopping: threading.Event | None = None) -> None:
+                 stopping: threading.Event | None = None, budget: CpuBudget | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.card = classifier.card if classifier is not None else None
-        self.pictures = Pictures(settings.paths.state / "cache", classifier, settings.max_pixels, stopping)
+        self.pictures = Pictures(settings.paths.state / "cache", classifier, settings.max_pixels, stopping, budget)
 
     def render(self, day: date) -> Rendered:
         reports = self.settings.reports

@@ -16,6 +16,7 @@ from dermwatch.alerts import send_pending
 from dermwatch.config import Settings
 from dermwatch.errors import as_transient
 from dermwatch.pipeline.classifier import load_classifier
+from dermwatch.reports.budget import CpuBudget
 from dermwatch.reports.day import days_with_data
 from dermwatch.reports.pictures import RenderInterrupted
 from dermwatch.reports.render import Reporter
@@ -77,7 +78,8 @@ class ReportWorker(_Worker):
     def prepare(self) -> None:
         # Interpreters are not shared between threads: this one serves the heatmaps.
         classifier = load_classifier(self.settings.model.path, threads=1)
-        self.reporter = Reporter(self.settings, self.engine, classifier, stopping=self.stop)
+        budget = CpuBudget(self.settings.reports.cpu_share, self.stop)
+        self.reporter = Reporter(self.settings, self.engine, classifier, stopping=self.stop, budget=budget)
         self.schedule = ReportSchedule(self.settings.reports, rendered_times(self.settings.paths.reports))
 
     def round(self) -> None:
