@@ -15,7 +15,7 @@ from typing import Any
 
 from dermwatch.errors import ModelError
 from dermwatch.labels import CLASS_NAMES
-from dermwatch.preprocess import COLOUR_MODES
+from dermwatch.preprocess import COLOUR_MODES, CROP_MODES
 
 #: File name of the model shipped inside the package (dermwatch/models/).
 SHIPPED_MODEL_NAME = "dermwatch.tflite"
@@ -28,6 +28,7 @@ class ModelCard:
     labels: tuple[str, ...]
     input_size: int
     colour: str  # one of preprocess.COLOUR_MODES; applied by the classifier before every invoke
+    crop: str  # one of preprocess.CROP_MODES; likewise
     melanoma_threshold: float
     sha256: str  # of the .tflite file
     document: dict[str, Any]  # the whole card, for reports and `status`
@@ -72,6 +73,7 @@ def load_card(model_path: Path) -> ModelCard:
             labels=tuple(document["labels"]),
             input_size=int(document["input"]["size"]),
             colour=str(document["input"].get("colour", "as-is")),  # cards before colour modes had none
+            crop=str(document["input"].get("crop", "whole-frame")),  # nor before crop modes
             melanoma_threshold=float(document["melanoma_threshold"]),
             sha256=str(document["sha256"]),
             document=document,
@@ -82,6 +84,8 @@ def load_card(model_path: Path) -> ModelCard:
         raise ModelError(f"model card {path} lists labels {list(card.labels)}, expected {list(CLASS_NAMES)}")
     if card.colour not in COLOUR_MODES:
         raise ModelError(f"model card {path}: input colour {card.colour!r} is not one of {', '.join(COLOUR_MODES)}")
+    if card.crop not in CROP_MODES:
+        raise ModelError(f"model card {path}: input crop {card.crop!r} is not one of {', '.join(CROP_MODES)}")
     if not 0.0 < card.melanoma_threshold < 1.0:
         raise ModelError(f"model card {path}: melanoma_threshold {card.melanoma_threshold} is not in (0, 1)")
     actual = file_sha256(model_path)

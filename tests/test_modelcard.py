@@ -1,5 +1,5 @@
 """The model card contract: the service refuses a model it cannot use correctly, and applies
-the card's colour mode before every inference."""
+the card's crop and colour modes before every inference."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from dermwatch.errors import ModelError
 from dermwatch.modelcard import card_path, load_card
 from dermwatch.pipeline.classifier import Classifier
-from dermwatch.preprocess import normalize_colour, shades_of_grey
+from dermwatch.preprocess import crop_frame, lesion_box, lesion_crop, model_view, normalize_colour, shades_of_grey
 
 
 @pytest.fixture
@@ -87,3 +87,56 @@ def test_classifier_applies_the_card_colour_mode(model_copy: Path) -> None:
     normalizing = Classifier(model_copy, load_card(model_copy), threads=1)
     np.testing.assert_allclose(normalizing.predict(pixels), expected, atol=1e-6)
     assert not np.allclose(as_is.predict(pixels), expected, atol=1e-6)
+
+
+def test_unknown_crop_mode_is_refused_and_no_crop_means_the_whole_frame(model_copy: Path) -> None:
+    assert load_card(model_copy).crop == "whole-frame"  # the tiny model's card predates crop modes
+    _edit_card(model_copy, crop="tight")
+    with pytest.raises(ModelError, match="input crop 'tight' is not one of whole-frame, lesion"):
+        load_card(model_copy)
+
+
+def _scope_photo(centre: tuple[int, int], radius: int, side: int = 128) -> np.ndarray:
+    """Skin in a round scope (black outside, a dim vignette towards its rim) with one dark lesion."""
+    rows, columns = np.mgrid[:side, :side]
+    from_middle = np.hypot(rows - (side - 1) / 2, columns - (side - 1) / 2)
+    skin = np.array([200.0, 170.0, 160.0]) * (1 - 0.35 * (from_middle / (side / 2)) ** 2)[..., None]
+    photo = np.where((from_middle > side / 2 - 2)[..., None], 5.0, skin)
+    lesion = np.hypot(rows - centre[0], columns - centre[1]) < radius
+    photo[lesion] = [90, 60, 50]
+    return np.clip(photo, 0, 255).astype(np.uint8)
+
+
+def test_the_lesion_crop_cuts_to_the_lesion_and_leaves_a_plain_frame_alone() -> None:
+    photo = _scope_photo(centre=(80, 45), radius=12)
+    top, left, side = lesion_box(photo)
+    assert side < 0.6 * 128  # much tighter than the frame: neither the rim nor the vignette was taken for it
+    assert top <= 80 - 12 and top + side >= 80 + 12 and left <= 45 - 12 and left + side >= 45 + 12
+    cropped = lesion_crop(photo)
+    assert cropped.shape == photo.shape and cropped.dtype == np.uint8
+    def lesion_share(image: np.ndarray) -> float:
+        luminance = image.mean(axis=-1)
+        return float(((luminance > 40) & (luminance < 100)).mean())  # darker than skin, lighter than the scope
+
+    assert lesion_share(cropped) > 3 * lesion_share(photo)
+    plain = np.full((128, 128, 3), 170, np.uint8)
+    assert lesion_box(plain) is None and lesion_crop(plain) is plain
+    batch = np.stack([photo, plain])
+    np.testing.assert_array_equal(crop_frame(batch, "lesion"), np.stack([cropped, plain]))
+    assert crop_frame(batch, "whole-frame") is batch
+    with pytest.raises(ValueError, match="unknown crop mode"):
+        crop_frame(batch, "tight")
+    np.testing.assert_array_equal(model_view(batch, "shades-of-grey", "lesion"),
+                                  shades_of_grey(crop_frame(batch, "lesion")))
+
+
+def test_classifier_applies_the_card_crop_mode(model_copy: Path) -> None:
+    from PIL import Image
+
+    pixels = np.stack([np.asarray(Image.fromarray(_scope_photo((80, 45), 12)).resize((32, 32)))] * 2)
+    whole = Classifier(model_copy, load_card(model_copy), threads=1)
+    expected = whole.predict(crop_frame(pixels, "lesion"))
+    _edit_card(model_copy, crop="lesion")
+    cropping = Classifier(model_copy, load_card(model_copy), threads=1)
+    np.testing.assert_allclose(cropping.predict(pixels), expected, atol=1e-6)
+    assert not np.allclose(whole.predict(pixels), expected, atol=1e-6)

@@ -231,22 +231,23 @@ def test_logit_adjustment_is_folded_into_the_last_layer() -> None:
     assert np.argmin(after - before, axis=1).tolist() == [4, 4]
 
 
-def test_logit_adjustment_ema_and_colour_mode_reach_the_card(planted: dict[str, Path], tmp_path: Path) -> None:
+def test_logit_adjustment_ema_colour_and_crop_modes_reach_the_card(planted: dict[str, Path], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth", str(planted["truth"]),
                                       "--out", str(run_dir), "--epochs", "1", "--input-size", "32", "--width", "4",
                                       "--batch-size", "16", "--balance", "logit-adjust", "--colour", "shades-of-grey",
-                                      "--ema"],
+                                      "--crop", "lesion", "--ema"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     options = json.loads((run_dir / "training.json").read_text())["options"]
     assert options["balance"] == "logit-adjust" and options["colour"] == "shades-of-grey" and options["ema"]
+    assert options["crop"] == "lesion"
     exported = CliRunner().invoke(cli, ["export", str(run_dir), "--version", "t2"], catch_exceptions=False)
     assert exported.exit_code == 0, exported.output
     card = json.loads((run_dir / "export" / "dermwatch-float32.json").read_text())
-    assert card["input"]["colour"] == "shades-of-grey"
-    # Keras was given normalised pixels, LiteRT raw ones: they agree only if the classifier
-    # applies the card's colour mode exactly as training did.
+    assert card["input"]["colour"] == "shades-of-grey" and card["input"]["crop"] == "lesion"
+    # Keras was given cropped, normalised pixels, LiteRT raw ones: they agree only if the
+    # classifier applies the card's crop and colour modes exactly as training did.
     assert card["export_check"]["top1_agreement"] == 1.0
     assert card["export_check"]["max_probability_difference"] < 1e-4
     refused = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--out", str(tmp_path / "x"),

@@ -11,7 +11,7 @@ from ai_edge_litert.interpreter import Interpreter
 from dermwatch.errors import ModelError
 from dermwatch.labels import CLASS_NAMES
 from dermwatch.modelcard import ModelCard, load_card, shipped_model_path
-from dermwatch.preprocess import normalize_colour
+from dermwatch.preprocess import model_view
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,10 @@ class Classifier:
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities (N x 9, float32) for a uint8 batch of N x size x size x 3 images.
 
-        The card's colour mode is applied here, so the service, `classify`, evaluation and
-        the heatmaps all feed the model what it was trained on.
+        The card's crop and colour modes are applied here, so the service, `classify`,
+        evaluation and the heatmaps all feed the model what it was trained on.
         """
-        pixels = normalize_colour(pixels, self.card.colour)
+        pixels = model_view(pixels, self.card.colour, self.card.crop)
         if len(pixels) != self._batch:
             self._interpreter.resize_tensor_input(self._input["index"], [len(pixels), *pixels.shape[1:]])
             self._interpreter.allocate_tensors()

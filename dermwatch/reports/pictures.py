@@ -19,15 +19,13 @@ from PIL import Image
 from dermwatch.labels import CLASS_NAMES, MELANOMA
 from dermwatch.pipeline.classifier import Classifier
 from dermwatch.pipeline.decode import read_model_input, read_rgb
+from dermwatch.preprocess import SURROUND_LUMINANCE
 from dermwatch.reports.atomic import write_atomically
 from dermwatch.reports.budget import CpuBudget
 
 THUMBNAIL_SIDE = 256  # suspected melanoma: big enough to judge
 LIST_THUMBNAIL_SIDE = 96  # every other image: enough to recognise it, and keeps the page small
 OCCLUSION_GRID = 8
-#: A grid cell darker than this (mean luminance, 0-255) is the dermatoscope's black border or
-#: a vignetted corner, not skin: it is left out of the heatmap so it cannot take the colour scale.
-BORDER_LUMINANCE = 40
 _MELANOMA = CLASS_NAMES.index(MELANOMA)
 
 
@@ -91,6 +89,9 @@ def occlusion_map(classifier: Classifier, pixels: np.ndarray, grid: int = OCCLUS
     """grid x grid drops in P(melanoma) when each cell is hidden.
 
     0 where hiding the cell did not lower it, and on the dark border (see :func:`dark_cells`).
+    Cells are of the frame the service decoded; with a card that crops to the lesion, the
+    classifier cuts each occluded copy anew, so hiding the lesion also moves the crop: the map
+    then says what mattered to the model's whole pipeline.
     """
     size = pixels.shape[0]
     edges = np.linspace(0, size, grid + 1).round().astype(int)
@@ -111,7 +112,7 @@ def dark_cells(pixels: np.ndarray, edges: np.ndarray) -> np.ndarray:
     grid = len(edges) - 1
     means = np.array([[luminance[edges[r]:edges[r + 1], edges[c]:edges[c + 1]].mean() for c in range(grid)]
                       for r in range(grid)])
-    return means < BORDER_LUMINANCE
+    return means < SURROUND_LUMINANCE
 
 
 def overlay(picture: Image.Image, heat: np.ndarray) -> Image.Image:

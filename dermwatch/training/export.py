@@ -18,7 +18,7 @@ import tensorflow as tf
 from dermwatch.labels import CLASS_NAMES
 from dermwatch.modelcard import SHIPPED_MODEL_NAME, load_card, write_card
 from dermwatch.pipeline.classifier import Classifier
-from dermwatch.preprocess import RESAMPLE, normalize_colour
+from dermwatch.preprocess import RESAMPLE, model_view
 from dermwatch.training.audit import ManifestRow
 from dermwatch.training.calibration import TARGET_SENSITIVITY, WORST_ROOT_RULE, calibrate
 from dermwatch.training.card_html import render_card_html
@@ -69,7 +69,8 @@ def convert(model: keras.Model, representative: np.ndarray | None = None) -> byt
 
 
 def card_document(*, name: str, version: str, input_size: int, melanoma_threshold: float,
-                  quantization: str, colour: str = "as-is", **extra: Any) -> dict[str, Any]:
+                  quantization: str, colour: str = "as-is", crop: str = "whole-frame",
+                  **extra: Any) -> dict[str, Any]:
     """The fields the service needs, plus whatever training and evaluation add."""
     return {
         "name": name,
@@ -80,8 +81,11 @@ def card_document(*, name: str, version: str, input_size: int, melanoma_threshol
             "size": input_size,
             "channels": "RGB",
             "values": "raw pixel values 0-255; the model scales them itself",
-            "resize": f"whole frame squashed to {input_size}x{input_size} ({RESAMPLE.name.lower()}), never cropped",
+            "resize": f"whole frame squashed to {input_size}x{input_size} ({RESAMPLE.name.lower()})"
+                      + (", then the square around the lesion resized back to it" if crop == "lesion" else
+                         ", never cropped"),
             "colour": colour,
+            "crop": crop,
         },
         "output": "calibrated probabilities of the nine labels, in order",
         "quantization": quantization,
@@ -124,10 +128,11 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False,
     chosen = rng.choice(len(train_rows), min(REPRESENTATIVE_IMAGES, len(train_rows)), replace=False)
     picked = [train_rows[i] for i in chosen]
     colour = options.get("colour", "as-is")  # runs from before colour modes have none
-    representative = normalize_colour(load_arrays(picked, size)[0], colour)
+    crop = options.get("crop", "whole-frame")  # nor before crop modes
+    representative = model_view(load_arrays(picked, size)[0], colour, crop)
     val_rows = [r for r in rows if r.split == "val"]
     val_images, val_labels = load_arrays(val_rows, size)
-    val_normalized = normalize_colour(val_images, colour)  # what the Keras model sees; LiteRT gets raw
+    val_normalized = model_view(val_images, colour, crop)  # what the Keras model sees; LiteRT gets raw
     temperature = record["temperature"]
     if tta:
         logits = with_probabilities(trained, 1.0, tta=True).predict(val_normalized.astype(np.float32), verbose=0)
@@ -147,7 +152,7 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False,
         path = run_dir / "export" / f"dermwatch-{quantization}.tflite"
         document = card_document(
             name=f"dermwatch-{options['arch']}", version=f"{version}-{quantization}", input_size=size,
-            melanoma_threshold=record["melanoma_threshold"], quantization=quantization, colour=colour,
+            melanoma_threshold=record["melanoma_threshold"], quantization=quantization, colour=colour, crop=crop,
             training=training,
         )
         save_tflite(convert(keras_model, data), path, document)

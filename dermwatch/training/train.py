@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from dermwatch.labels import CLASS_NAMES
-from dermwatch.preprocess import COLOUR_MODES, normalize_colour
+from dermwatch.preprocess import COLOUR_MODES, CROP_MODES, model_view
 from dermwatch.training.audit import Audit, ManifestRow
 from dermwatch.training.calibration import THRESHOLD_RULE, calibrate, softmax
 from dermwatch.training.data import (
@@ -54,12 +54,15 @@ class TrainOptions:
     keep_best: bool = True  # restore the best validation epoch; False keeps the last one
     ema: bool = False  # score and keep an exponential moving average of the weights (cosine only)
     colour: str = "as-is"  # preprocess.COLOUR_MODES: "shades-of-grey" removes each image's colour cast
+    crop: str = "whole-frame"  # preprocess.CROP_MODES: "lesion" cuts each image to the square around its lesion
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE_MODES:
             raise ValueError(f"unknown balance mode {self.balance!r}; choose one of {', '.join(BALANCE_MODES)}")
         if self.colour not in COLOUR_MODES:
             raise ValueError(f"unknown colour mode {self.colour!r}; choose one of {', '.join(COLOUR_MODES)}")
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"unknown crop mode {self.crop!r}; choose one of {', '.join(CROP_MODES)}")
 
 
 def data_fingerprint(rows: list[ManifestRow]) -> str:
@@ -118,8 +121,9 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
     x_train, y_train = load_arrays(train_rows, options.input_size)
     x_val, y_val = load_arrays(val_rows, options.input_size)
     # Before augmentation, as the classifier does before inference: the model learns on
-    # colour-normalised images and colour jitter still varies them.
-    x_train, x_val = normalize_colour(x_train, options.colour), normalize_colour(x_val, options.colour)
+    # cropped, colour-normalised images, and augmentation still varies them.
+    x_train = model_view(x_train, options.colour, options.crop)
+    x_val = model_view(x_val, options.colour, options.crop)
 
     model = build_model(options.arch, options.input_size, width=options.width)
     model.compile(
