@@ -9,11 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from dermwatch.errors import ModelError
 from dermwatch.modelcard import card_path, load_card
 from dermwatch.pipeline.classifier import Classifier
-from dermwatch.preprocess import crop_frame, lesion_box, lesion_crop, model_view, normalize_colour, shades_of_grey
+from dermwatch.preprocess import (
+    crop_frame,
+    lesion_box,
+    lesion_crop,
+    luminance,
+    model_view,
+    normalize_colour,
+    shades_of_grey,
+)
 
 
 @pytest.fixture
@@ -76,6 +85,22 @@ def test_shades_of_grey_removes_a_colour_cast_and_keeps_brightness() -> None:
     assert normalize_colour(images, "as-is") is images
     with pytest.raises(ValueError, match="unknown colour mode"):
         normalize_colour(images, "sepia")
+
+
+def test_luminance_leaves_shape_and_drops_colour() -> None:
+    images = _lesion_like()
+    grey = luminance(images)
+    assert grey.shape == images.shape and grey.dtype == np.uint8
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    # Pillow's own luma (ITU-R BT.601), within its rounding.
+    pillow = np.asarray(Image.fromarray(images[0]).convert("L"), dtype=np.int16)
+    assert np.abs(grey[0, ..., 0].astype(np.int16) - pillow).max() <= 1
+    # A saturated and a washed-out copy of one picture with the same luma come out alike.
+    red, teal = np.zeros((1, 4, 4, 3), np.uint8), np.zeros((1, 4, 4, 3), np.uint8)
+    red[..., 0] = 200  # luma 59.8
+    teal[..., 1], teal[..., 2] = 60, 216  # luma 35.2 + 24.6 = 59.8
+    np.testing.assert_array_equal(luminance(red), luminance(teal))
+    np.testing.assert_array_equal(model_view(images, "luminance", "whole-frame"), grey)
 
 
 def test_classifier_applies_the_card_colour_mode(model_copy: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -236,12 +236,16 @@ def test_logit_adjustment_ema_colour_and_crop_modes_reach_the_card(planted: dict
     result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth", str(planted["truth"]),
                                       "--out", str(run_dir), "--epochs", "1", "--input-size", "32", "--width", "4",
                                       "--batch-size", "16", "--balance", "logit-adjust", "--colour", "shades-of-grey",
-                                      "--crop", "lesion", "--ema"],
+                                      "--crop", "lesion", "--ema", "--epoch-images", "40"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     options = json.loads((run_dir / "training.json").read_text())["options"]
     assert options["balance"] == "logit-adjust" and options["colour"] == "shades-of-grey" and options["ema"]
-    assert options["crop"] == "lesion"
+    assert options["crop"] == "lesion" and options["epoch_images"] == 40
+    # A drawn epoch is 40 // 16 = 2 steps, however many training images there are.
+    import keras
+
+    assert int(keras.models.load_model(run_dir / "model.keras").optimizer.iterations) == 2
     exported = CliRunner().invoke(cli, ["export", str(run_dir), "--version", "t2"], catch_exceptions=False)
     assert exported.exit_code == 0, exported.output
     card = json.loads((run_dir / "export" / "dermwatch-float32.json").read_text())
@@ -288,6 +292,42 @@ def test_sample_weights_stay_with_their_images_through_shuffle_and_augmentation(
         np.testing.assert_array_equal(batch_weights.numpy(), batch_labels.numpy() * 10 + 1)
         seen += len(batch_labels)
     assert seen == 40
+
+
+def test_epoch_draws_balance_classes_and_roots_like_the_weights() -> None:
+    from dermwatch.training.data import balance_weights, epoch_draws
+
+    # 90 % of melanomas and 10 % of nevi from one root: drawn, each (class, root) cell gets
+    # the same share of the epoch that the class-and-source weights give it.
+    labels = np.array([3] * 90 + [3] * 10 + [4] * 10 + [4] * 90)
+    roots = ["isic9"] * 90 + ["ham10000"] * 10 + ["isic9"] * 10 + ["ham10000"] * 90
+    draws = epoch_draws(balance_weights(labels, roots, "class-and-source"), epochs=3, epoch_images=4000, seed=1)
+    assert draws.shape == (3, 4000)
+    cells = Counter(zip(labels[draws[0]].tolist(), np.array(roots)[draws[0]].tolist(), strict=True))
+    assert all(abs(count / 4000 - 0.25) < 0.03 for count in cells.values()) and len(cells) == 4
+    assert not np.array_equal(draws[0], draws[1])  # each epoch draws anew
+    np.testing.assert_array_equal(draws, epoch_draws(balance_weights(labels, roots, "class-and-source"), 3, 4000, 1))
+    # Class weights balance the classes and leave the roots as they are; none draws evenly.
+    by_class = epoch_draws(balance_weights(labels, roots, "weights"), 1, 4000, 2)[0]
+    assert abs((labels[by_class] == 3).mean() - 0.5) < 0.03
+    assert abs((np.array(roots)[by_class[labels[by_class] == 3]] == "isic9").mean() - 0.9) < 0.03
+    np.testing.assert_array_equal(balance_weights(labels, roots, "none"), np.ones(len(labels)))
+
+
+def test_drawn_batches_follow_the_draws() -> None:
+    from dermwatch.training.data import training_batches
+
+    labels = np.arange(12) % 9
+    images = np.broadcast_to(np.arange(12, dtype=np.uint8)[:, None, None, None], (12, 8, 8, 3)).copy()
+    draws = np.array([[5, 5, 0, 11], [3, 7, 7, 1]])
+    batches = list(training_batches(images, labels, 4, seed=0, augment=False, draws=draws))
+    assert len(batches) == 2
+    seen = np.concatenate([batch_images.numpy()[:, 0, 0, 0] for batch_images, _ in batches])
+    np.testing.assert_array_equal(seen, draws.ravel())
+    np.testing.assert_array_equal(np.concatenate([y.numpy() for _, y in batches]), labels[draws.ravel()])
+    assert sum(len(y) for _, y in training_batches(images, labels, 4, seed=0, draws=draws)) == 8  # augmented too
+    with pytest.raises(ValueError, match="not both"):
+        training_batches(images, labels, 4, seed=0, draws=draws, sample_weights=np.ones(12, np.float32))
 
 
 def test_melanoma_vs_nevus_auc_ignores_the_easy_negatives() -> None:

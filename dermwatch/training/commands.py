@@ -53,16 +53,20 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
               help="Class imbalance: inverse-frequency loss weights; the same with each --data root weighed equally "
                    "within a class; or log-prior logit adjustment after training.")
 @click.option("--colour", type=click.Choice(COLOUR_MODES), default="as-is", show_default=True,
-              help="Remove each image's colour cast before training (and, via the card, before inference).")
+              help="shades-of-grey removes each image's colour cast, luminance leaves colour out, before "
+                   "training (and, via the card, before inference).")
 @click.option("--crop", type=click.Choice(CROP_MODES), default="whole-frame", show_default=True,
               help="Cut each image to the square around its lesion before training (and, via the card, "
                    "before inference).")
+@click.option("--epoch-images", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Draw this many training images per epoch, each as likely as --balance weighs it, instead "
+                   "of weighting the loss over every image (0): short epochs, to screen a recipe over seeds.")
 @click.option("--ema/--no-ema", default=False, show_default=True,
               help="Score and keep an exponential moving average of the weights instead of the raw weights.")
 @seed_option
 def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_dir: Path, arch: str,
                   input_size: int, width: int, epochs: int, batch_size: int, learning_rate: float,
-                  balance: str, colour: str, crop: str, ema: bool, seed: int) -> None:
+                  balance: str, colour: str, crop: str, epoch_images: int, ema: bool, seed: int) -> None:
     """Audit the data, split it by lesion, and train a network from scratch."""
     from dermwatch.training.train import TrainOptions, train
 
@@ -72,7 +76,7 @@ def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_d
     (out_dir / "audit.txt").write_text("".join(f"- {f}\n" for f in result.findings))
     options = TrainOptions(arch=arch, input_size=input_size, width=width, epochs=epochs,
                            batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                           balance=balance, colour=colour, crop=crop, ema=ema)
+                           balance=balance, colour=colour, crop=crop, epoch_images=epoch_images, ema=ema)
     record = train(result, out_dir, options)
     validation = record["validation"]
     click.echo(

@@ -65,22 +65,59 @@ def class_and_source_weights(labels: np.ndarray, sources: list[str]) -> np.ndarr
     return np.array([per_cell[pair] for pair in pairs], dtype=np.float32)
 
 
+def balance_weights(labels: np.ndarray, sources: list[str], balance: str) -> np.ndarray:
+    """Each training image's weight under a --balance mode, as one array: what drawn epochs draw by.
+
+    "weights" gives each image its class weight, "class-and-source" its (class, root) cell's
+    weight; "logit-adjust" and "none" leave every image at one.
+    """
+    if balance == "weights":
+        by_class = class_weights(labels)
+        return np.array([by_class[label] for label in labels.tolist()], dtype=np.float32)
+    if balance == "class-and-source":
+        return class_and_source_weights(labels, sources)
+    return np.ones(len(labels), dtype=np.float32)
+
+
 def class_priors(labels: np.ndarray) -> np.ndarray:
     """Each class's share of ``labels``; a class with no example counts as one, so its log is finite."""
     counts = np.maximum(np.bincount(labels, minlength=len(CLASS_NAMES)), 1).astype(np.float32)
     return counts / counts.sum()
 
 
-def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                     augment: bool = True, sample_weights: np.ndarray | None = None) -> tf.data.Dataset:
-    """Shuffled batches with on-the-fly augmentation; nothing augmented is ever stored.
+def epoch_draws(weights: np.ndarray, epochs: int, epoch_images: int, seed: int) -> np.ndarray:
+    """Which images each epoch trains on: ``epochs`` x ``epoch_images`` indices, drawn with
+    replacement, each image as likely as its balance weight makes it.
 
-    With ``sample_weights`` each batch is (images, labels, weights), which Keras applies to the loss.
+    Drawing balances the data the way weighting the loss does, in expectation, but lets an
+    epoch be as short as wanted: a recipe can then be screened over several seeds in the
+    time one full run takes.
     """
+    rng = np.random.default_rng(seed)
+    return rng.choice(len(weights), size=(epochs, epoch_images), p=weights / weights.sum())
+
+
+def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+                     augment: bool = True, sample_weights: np.ndarray | None = None,
+                     draws: np.ndarray | None = None) -> tf.data.Dataset:
+    """Batches with on-the-fly augmentation; nothing augmented is ever stored.
+
+    The images come shuffled once per epoch, or, with ``draws`` (from :func:`epoch_draws`),
+    in that order. With ``sample_weights`` each batch is (images, labels, weights), which
+    Keras applies to the loss.
+    """
+    if draws is not None and sample_weights is not None:
+        raise ValueError("drawn epochs are balanced by the draw: give draws or sample_weights, not both")
     targets = labels if sample_weights is None else (labels, sample_weights)
-    dataset = tf.data.Dataset.from_tensor_slices((images, targets)).shuffle(
-        len(labels), seed=seed, reshuffle_each_iteration=True
-    )
+    if draws is None:
+        dataset = tf.data.Dataset.from_tensor_slices((images, targets)).shuffle(
+            len(labels), seed=seed, reshuffle_each_iteration=True
+        )
+    else:
+        pool_images, pool_labels = tf.constant(images), tf.constant(labels)
+        dataset = tf.data.Dataset.from_tensor_slices(draws.ravel()).map(
+            lambda i: (tf.gather(pool_images, i), tf.gather(pool_labels, i))
+        )
     if not augment:
         return _unpack(dataset.map(lambda x, y: (tf.cast(x, tf.float32), y)).batch(batch_size), sample_weights)
     geometric = keras.Sequential(

@@ -18,9 +18,11 @@ from dermwatch.preprocess import COLOUR_MODES, CROP_MODES, model_view
 from dermwatch.training.audit import Audit, ManifestRow
 from dermwatch.training.calibration import THRESHOLD_RULE, calibrate, softmax
 from dermwatch.training.data import (
+    balance_weights,
     class_and_source_weights,
     class_priors,
     class_weights,
+    epoch_draws,
     load_arrays,
     training_batches,
 )
@@ -55,6 +57,9 @@ class TrainOptions:
     ema: bool = False  # score and keep an exponential moving average of the weights (cosine only)
     colour: str = "as-is"  # preprocess.COLOUR_MODES: "shades-of-grey" removes each image's colour cast
     crop: str = "whole-frame"  # preprocess.CROP_MODES: "lesion" cuts each image to the square around its lesion
+    # 0: every training image once per epoch, balanced by loss weights. N: each epoch draws N
+    # images, each as likely as the balance mode weighs it (data.epoch_draws), loss unweighted.
+    epoch_images: int = 0
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE_MODES:
@@ -63,6 +68,8 @@ class TrainOptions:
             raise ValueError(f"unknown colour mode {self.colour!r}; choose one of {', '.join(COLOUR_MODES)}")
         if self.crop not in CROP_MODES:
             raise ValueError(f"unknown crop mode {self.crop!r}; choose one of {', '.join(CROP_MODES)}")
+        if self.epoch_images < 0:
+            raise ValueError(f"epoch_images must be 0 (every image) or a positive count, not {self.epoch_images}")
 
 
 def data_fingerprint(rows: list[ManifestRow]) -> str:
@@ -125,9 +132,12 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
     x_train = model_view(x_train, options.colour, options.crop)
     x_val = model_view(x_val, options.colour, options.crop)
 
+    drawn = options.epoch_images > 0
+    steps_per_epoch = max(options.epoch_images // options.batch_size, 1) if drawn \
+        else int(np.ceil(len(x_train) / options.batch_size))
     model = build_model(options.arch, options.input_size, width=options.width)
     model.compile(
-        optimizer=_optimizer(options, steps=options.epochs * int(np.ceil(len(x_train) / options.batch_size))),
+        optimizer=_optimizer(options, steps=options.epochs * steps_per_epoch),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -135,14 +145,18 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
     keeper = KeepBestEpoch(x_val.astype(np.float32), y_val, logit_offset)
     # With EMA, the averaged weights are swapped in before the keeper scores each epoch.
     callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), keeper] if _uses_ema(options) else [keeper]
-    sample_weights = class_and_source_weights(y_train, [r.root for r in train_rows]) \
-        if options.balance == "class-and-source" else None
+    roots = [r.root for r in train_rows]
+    draws = epoch_draws(balance_weights(y_train, roots, options.balance), options.epochs,
+                        steps_per_epoch * options.batch_size, options.seed) if drawn else None
+    sample_weights = class_and_source_weights(y_train, roots) \
+        if options.balance == "class-and-source" and not drawn else None
     started = time.monotonic()
     model.fit(
         training_batches(x_train, y_train, options.batch_size, options.seed, augment=options.augment,
-                         sample_weights=sample_weights),
+                         sample_weights=sample_weights, draws=draws),
         epochs=options.epochs,
-        class_weight=class_weights(y_train) if options.balance == "weights" else None,
+        steps_per_epoch=steps_per_epoch if drawn else None,
+        class_weight=class_weights(y_train) if options.balance == "weights" and not drawn else None,
         callbacks=callbacks,
         verbose=0,
     )
