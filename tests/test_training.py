@@ -236,7 +236,8 @@ def test_logit_adjustment_ema_colour_and_crop_modes_reach_the_card(planted: dict
     result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth", str(planted["truth"]),
                                       "--out", str(run_dir), "--epochs", "1", "--input-size", "32", "--width", "4",
                                       "--batch-size", "16", "--balance", "logit-adjust", "--colour", "shades-of-grey",
-                                      "--crop", "lesion", "--ema", "--epoch-images", "40"],
+                                      "--crop", "lesion", "--ema", "--epoch-images", "40", "--seed", "3",
+                                      "--split-seed", "0"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     options = json.loads((run_dir / "training.json").read_text())["options"]
@@ -254,6 +255,15 @@ def test_logit_adjustment_ema_colour_and_crop_modes_reach_the_card(planted: dict
     # classifier applies the card's crop and colour modes exactly as training did.
     assert card["export_check"]["top1_agreement"] == 1.0
     assert card["export_check"]["max_probability_difference"] < 1e-4
+    # Trained with seed 3 on split 0: the manifest holds split 0, and `evaluate` draws it again.
+    from dermwatch.training.export import read_manifest
+
+    split = {r.path: r.split for r in read_manifest(run_dir / "manifest.csv")}
+    assert split == {r.path: r.split for r in audit([planted["root"]], planted["truth"], seed=0).rows}
+    assert split != {r.path: r.split for r in audit([planted["root"]], planted["truth"], seed=3).rows}
+    scored = CliRunner().invoke(cli, ["evaluate", str(run_dir / "export" / "dermwatch-float32.tflite"),
+                                      "--data", str(planted["root"]), "--ground-truth", str(planted["truth"])])
+    assert scored.exit_code == 0, scored.output
     refused = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--out", str(tmp_path / "x"),
                                        "--balance", "oversample"])
     assert refused.exit_code == 2 and "oversample" in refused.output

@@ -64,19 +64,24 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
 @click.option("--ema/--no-ema", default=False, show_default=True,
               help="Score and keep an exponential moving average of the weights instead of the raw weights.")
 @seed_option
+@click.option("--split-seed", type=int, default=None,
+              help="Seed of the lesion-grouped split alone (default: --seed). Members of a seed ensemble share "
+                   "one split, so each member's validation images are unseen by every member.")
 def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_dir: Path, arch: str,
                   input_size: int, width: int, epochs: int, batch_size: int, learning_rate: float,
-                  balance: str, colour: str, crop: str, epoch_images: int, ema: bool, seed: int) -> None:
+                  balance: str, colour: str, crop: str, epoch_images: int, ema: bool, seed: int,
+                  split_seed: int | None) -> None:
     """Audit the data, split it by lesion, and train a network from scratch."""
     from dermwatch.training.train import TrainOptions, train
 
-    result = audit(list(data_roots), ground_truth, seed=seed)
+    options = TrainOptions(arch=arch, input_size=input_size, width=width, epochs=epochs,
+                           batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                           balance=balance, colour=colour, crop=crop, epoch_images=epoch_images, ema=ema,
+                           split_seed=split_seed)
+    result = audit(list(data_roots), ground_truth, seed=seed if split_seed is None else split_seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(result.rows, out_dir / "manifest.csv")
     (out_dir / "audit.txt").write_text("".join(f"- {f}\n" for f in result.findings))
-    options = TrainOptions(arch=arch, input_size=input_size, width=width, epochs=epochs,
-                           batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                           balance=balance, colour=colour, crop=crop, epoch_images=epoch_images, ema=ema)
     record = train(result, out_dir, options)
     validation = record["validation"]
     click.echo(
@@ -140,11 +145,11 @@ def evaluate_command(model: Path, data_roots: tuple[Path, ...], ground_truth: Pa
     from dermwatch.modelcard import load_card
     from dermwatch.training.card_html import render_card_html
     from dermwatch.training.evaluate import evaluate_model
-    from dermwatch.training.train import data_fingerprint
+    from dermwatch.training.train import data_fingerprint, split_seed_of
 
     card = load_card(model).document
     training = card.get("training", {})
-    result = audit(list(data_roots), ground_truth, seed=training.get("options", {}).get("seed", 0))
+    result = audit(list(data_roots), ground_truth, seed=split_seed_of(training.get("options", {})))
     if training and data_fingerprint(result.rows) != training["data_fingerprint"]:
         raise DataError(
             "these data do not give the training/validation split this model was trained on "

@@ -60,6 +60,9 @@ class TrainOptions:
     # 0: every training image once per epoch, balanced by loss weights. N: each epoch draws N
     # images, each as likely as the balance mode weighs it (data.epoch_draws), loss unweighted.
     epoch_images: int = 0
+    # The seed the lesion-grouped split was drawn with, when not ``seed`` (members of a seed
+    # ensemble share one split). Recorded so `evaluate` can draw the same split again.
+    split_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE_MODES:
@@ -70,6 +73,12 @@ class TrainOptions:
             raise ValueError(f"unknown crop mode {self.crop!r}; choose one of {', '.join(CROP_MODES)}")
         if self.epoch_images < 0:
             raise ValueError(f"epoch_images must be 0 (every image) or a positive count, not {self.epoch_images}")
+
+
+def split_seed_of(options: dict) -> int:
+    """The split seed a training record's options were audited with."""
+    split_seed = options.get("split_seed")
+    return options.get("seed", 0) if split_seed is None else split_seed
 
 
 def data_fingerprint(rows: list[ManifestRow]) -> str:
