@@ -3,8 +3,8 @@
     python bench/screen.py --out runs/screen \\
         --data ../shared/data/isic9 --data ../shared/data/supplement --data ../shared/data/ham10000 \\
         --ground-truth ../shared/data/isic_ground_truth.csv --external ../shared/data/derm7pt \\
-        --common "--input-size 96 --epochs 12 --epoch-images 2816 --balance class-and-source" \\
-        --seeds 0 1 2 "base=" "luminance=--colour luminance" "crop=--crop lesion"
+        --common "--input-size 96 --epochs 12 --epoch-images 2816 --balance class-and-source --split-seed 0" \\
+        --seeds 0,1,2 "base=" "luminance=--colour luminance" "crop=--crop lesion"
 
 Runs go seed by seed (every recipe's seed 0 first), so a screen cut short still compares
 recipes on the same seeds. A run whose exported card exists is not run again: start the
@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--ground-truth", type=Path, required=True)
     parser.add_argument("--external", type=Path, action="append", default=[])
     parser.add_argument("--common", default="", help="train options every recipe shares")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=[0, 1, 2],
+                        help="comma-separated (default 0,1,2)")
     parser.add_argument("recipes", nargs="+", help='NAME=TRAIN OPTIONS, e.g. "luminance=--colour luminance"')
     args = parser.parse_args()
     recipes = [recipe.partition("=")[::2] for recipe in args.recipes]
