@@ -21,7 +21,8 @@ from dermwatch.site_commands import SITE_COMMANDS
 
 # Training commands need TensorFlow-side packages, so they are imported only when asked for.
 _TRAINING_COMMANDS = {
-    "audit": "audit_command", "train": "train_command", "export": "export_command", "evaluate": "evaluate_command",
+    "audit": "audit_command", "train": "train_command", "ensemble": "ensemble_command", "export": "export_command",
+    "evaluate": "evaluate_command",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -208,6 +209,41 @@ def test_training_is_repeatable_with_the_same_seed(planted: dict[str, Path], tmp
         history = json.loads((tmp_path / attempt / "training.json").read_text())["history"]
         histories.append([{k: v for k, v in epoch.items() if k != "seconds"} for epoch in history])
     assert histories[0] == histories[1]
+
+
+def test_a_seed_ensemble_averages_its_members_and_exports_like_a_run(planted: dict[str, Path], tmp_path: Path) -> None:
+    import keras
+
+    runs = [tmp_path / f"seed{seed}" for seed in (5, 6)]
+    for seed, run_dir in zip((5, 6), runs, strict=True):
+        result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth",
+                                          str(planted["truth"]), "--out", str(run_dir), "--epochs", "1",
+                                          "--input-size", "32", "--width", "4", "--batch-size", "16",
+                                          "--seed", str(seed), "--split-seed", "5"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    ensemble_dir = tmp_path / "ensemble"
+    made = CliRunner().invoke(cli, ["ensemble", *map(str, runs), "--out", str(ensemble_dir)], catch_exceptions=False)
+    assert made.exit_code == 0, made.output
+    pixels = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    members = [keras.models.load_model(run_dir / "model.keras").predict(pixels, verbose=0) for run_dir in runs]
+    averaged = keras.models.load_model(ensemble_dir / "model.keras").predict(pixels, verbose=0)
+    assert not np.allclose(members[0], members[1], atol=1e-3)
+    np.testing.assert_allclose(averaged, (members[0] + members[1]) / 2, atol=1e-5)
+    exported = CliRunner().invoke(cli, ["export", str(ensemble_dir)], catch_exceptions=False)
+    assert exported.exit_code == 0, exported.output
+    card = json.loads((ensemble_dir / "export" / "dermwatch-float32.json").read_text())
+    assert [m["seed"] for m in card["training"]["ensemble_members"]] == [5, 6]
+    assert card["version"].startswith("dermnet32x2-") and card["export_check"]["top1_agreement"] == 1.0
+    # Members on another split, or fed another input, are refused with the reason.
+    for key, value in (("data_fingerprint", "0" * 64), ("crop", "lesion")):
+        stranger = tmp_path / f"stranger-{key}"
+        shutil.copytree(runs[1], stranger)
+        record = json.loads((stranger / "training.json").read_text())
+        (record if key == "data_fingerprint" else record["options"])[key] = value
+        (stranger / "training.json").write_text(json.dumps(record))
+        refused = CliRunner().invoke(cli, ["ensemble", str(runs[0]), str(stranger), "--out", str(tmp_path / "x")])
+        assert refused.exit_code == 1
+        assert ("another split" if key == "data_fingerprint" else "one input cannot feed both") in refused.output
 
 
 def test_logit_adjustment_is_folded_into_the_last_layer() -> None:

@@ -91,6 +91,23 @@ def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_d
     )
 
 
+@click.command("ensemble")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the ensemble's run (then: dermwatch export OUT).")
+def ensemble_command(run_dirs: tuple[Path, ...], out_dir: Path) -> None:
+    """Average training runs of one recipe (same --split-seed) into one model, as a new run folder."""
+    from dermwatch.training.ensemble import ensemble_run
+
+    record = ensemble_run(list(run_dirs), out_dir)
+    validation = record["validation"]
+    click.echo(
+        f"ensemble of {len(run_dirs)} runs; validation: accuracy {validation['accuracy']:.3f}, balanced "
+        f"{validation['balanced_accuracy']:.3f}, melanoma AUC {validation['melanoma_roc_auc']:.3f}; saved to "
+        f"{out_dir} (next: dermwatch export {out_dir})"
+    )
+
+
 @click.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--version", help="Version recorded in the model card (default: ARCH+SIZE-YYYYMMDD).")

@@ -140,13 +140,16 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False,
     keras_model = with_probabilities(trained, temperature, tta=tta)
     reference = keras_model.predict(val_normalized.astype(np.float32), batch_size=64, verbose=0)
 
-    version = version or f"{options['arch']}{size}-{datetime.now(timezone.utc):%Y%m%d}"
+    members = f"x{len(record['ensemble_members'])}" if "ensemble_members" in record else ""
+    version = version or f"{options['arch']}{size}{members}-{datetime.now(timezone.utc):%Y%m%d}"
     training = {key: record[key] for key in (
         "data_fingerprint", "train_images", "val_images", "best_epoch", "wall_seconds", "threshold_rule",
         "options", "history")}
     training |= {"temperature": temperature, "test_time_augmentation": "mean of 8 flips/turns" if tta else "none",
                  "threshold_rule": WORST_ROOT_RULE}
     training["validation_keras"] = record["validation"]
+    if "ensemble_members" in record:
+        training["ensemble_members"] = record["ensemble_members"]
     paths = []
     for quantization, data in (("float32", None), ("int8", representative)):
         path = run_dir / "export" / f"dermwatch-{quantization}.tflite"
