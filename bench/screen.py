@@ -10,7 +10,8 @@ Runs go seed by seed (every recipe's seed 0 first), so a screen cut short still 
 recipes on the same seeds. A run whose exported card exists is not run again: start the
 same command again to resume. The table at the end is bench/seeds.py's: every source
 (each --data root's validation images, each --external clinic), mean and range over the
-seeds, worst source first. Each step's output goes to <out>/<recipe>-s<seed>.log.
+seeds, worst source first; then each recipe against the first, seed by seed. Each step's
+output goes to <out>/<recipe>-s<seed>.log.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from seeds import markdown, seed_rows
+from seeds import markdown, paired_rows, seed_rows
 
 from dermwatch.modelcard import load_card
 
@@ -66,9 +67,9 @@ def main() -> None:
         for name, flags in recipes:
             models[name].append(run_one(name, flags, seed, args))
             print(f"{name} seed {seed}: {models[name][-1]}", flush=True)
-    rows = [row for name, paths in models.items()
-            for row in seed_rows(name, [load_card(path).document for path in paths])]
-    print(markdown(rows))
+    cards = {name: [load_card(path).document for path in paths] for name, paths in models.items()}
+    print(markdown([row for name, recipe_cards in cards.items() for row in seed_rows(name, recipe_cards)]))
+    print("\n" + "\n".join(paired_rows(cards, recipes[0][0])))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python bench/seeds.py \\
         "v15=runs/v15-s0/export/dermwatch-float32.tflite,runs/v15-s1/export/dermwatch-float32.tflite,..." \\
-        "shipped=dermwatch/models/dermwatch.tflite"
+        "shipped=dermwatch/models/dermwatch.tflite" [--against shipped]
 
 Each recipe is a name and the models its seeds trained (each scored by `dermwatch export`,
 with --external for another clinic). For every source a card scores (each --data root's
@@ -65,17 +65,41 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_rows(cards: dict[str, list[dict]], baseline: str, key: str = "melanoma_vs_nevus_auc") -> list[str]:
+    """Each recipe against ``baseline``, seed by seed (the i-th model of each), per source:
+    the mean difference and how many seeds came out ahead. Meaningful when the seeds of
+    both recipes shared one split (train --split-seed), so each pair saw the same images."""
+    lines = ["| recipe | against | source | seeds | mean difference | seeds ahead |", "|---|---|---|---|---|---|"]
+    base_sets = [source_sets(card) for card in cards[baseline]]
+    for name, recipe_cards in cards.items():
+        if name == baseline:
+            continue
+        pairs = list(zip((source_sets(card) for card in recipe_cards), base_sets, strict=False))
+        for source in sorted(set.intersection(*(set(mine) & set(theirs) for mine, theirs in pairs))):
+            differences = [mine[source][key] - theirs[source][key] for mine, theirs in pairs
+                           if mine[source].get(key) is not None and theirs[source].get(key) is not None]
+            if differences:
+                ahead = sum(d > 0 for d in differences)
+                lines.append(f"| {name} | {baseline} | {source} | {len(differences)} | "
+                             f"{np.mean(differences):+.3f} | {ahead} of {len(differences)} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="+", help='NAME=MODEL[,MODEL...]: the .tflite of each seed of one recipe')
+    parser.add_argument("--against", metavar="NAME",
+                        help="also compare every recipe with this one, seed by seed (melanoma vs nevus AUC)")
     args = parser.parse_args()
-    rows = []
+    cards: dict[str, list[dict]] = {}
     for recipe in args.recipes:
         name, _, paths = recipe.partition("=")
-        rows += seed_rows(name, [load_card(Path(path)).document for path in paths.split(",")])
-    print(markdown(rows))
+        cards[name] = [load_card(Path(path)).document for path in paths.split(",")]
+    print(markdown([row for name, recipe_cards in cards.items() for row in seed_rows(name, recipe_cards)]))
     print("\nRows of each recipe run worst source first (by mean melanoma-vs-nevus AUC); "
           "brackets: the lowest and highest seed.")
+    if args.against:
+        print("\n" + "\n".join(paired_rows(cards, args.against)))
 
 
 if __name__ == "__main__":
