@@ -27,13 +27,15 @@ from seeds import markdown, paired_rows, seed_rows
 from dermwatch.modelcard import load_card
 
 CARD = Path("export") / "dermwatch-float32.tflite"
+#: The last file `dermwatch export` writes: a run that has it is done.
+EXPORTED = Path("export") / "dermwatch-int8.html"
 
 
 def run_one(name: str, flags: str, seed: int, args: argparse.Namespace) -> Path:
     """Train and export one recipe at one seed (unless done before); its float32 model."""
     run_dir = args.out / f"{name}-s{seed}"
     model = run_dir / CARD
-    if model.with_suffix(".json").is_file():
+    if (run_dir / EXPORTED).is_file():
         return model
     dermwatch = [sys.executable, "-m", "dermwatch"]
     data = [part for root in args.data for part in ("--data", str(root))]
