@@ -273,12 +273,12 @@ def test_logit_adjustment_ema_colour_and_crop_modes_reach_the_card(planted: dict
                                       "--out", str(run_dir), "--epochs", "1", "--input-size", "32", "--width", "4",
                                       "--batch-size", "16", "--balance", "logit-adjust", "--colour", "shades-of-grey",
                                       "--crop", "lesion", "--ema", "--epoch-images", "40", "--seed", "3",
-                                      "--split-seed", "0"],
+                                      "--split-seed", "0", "--colour-jitter", "strong"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     options = json.loads((run_dir / "training.json").read_text())["options"]
     assert options["balance"] == "logit-adjust" and options["colour"] == "shades-of-grey" and options["ema"]
-    assert options["crop"] == "lesion" and options["epoch_images"] == 40
+    assert options["crop"] == "lesion" and options["epoch_images"] == 40 and options["colour_jitter"] == "strong"
     # A drawn epoch is 40 // 16 = 2 steps, however many training images there are.
     import keras
 
@@ -374,6 +374,21 @@ def test_drawn_batches_follow_the_draws() -> None:
     assert sum(len(y) for _, y in training_batches(images, labels, 4, seed=0, draws=draws)) == 8  # augmented too
     with pytest.raises(ValueError, match="not both"):
         training_batches(images, labels, 4, seed=0, draws=draws, sample_weights=np.ones(12, np.float32))
+
+
+def test_strong_colour_jitter_moves_colours_further_than_mild() -> None:
+    from dermwatch.training.data import training_batches
+
+    images = np.broadcast_to(np.array([150, 110, 100], np.uint8), (64, 8, 8, 3)).copy()  # one skin tone
+    labels = np.zeros(64, np.int32)
+
+    def spread(jitter: str) -> float:
+        """How far apart the augmented copies' red-to-green ratios lie."""
+        batch = next(iter(training_batches(images, labels, 64, seed=0, colour_jitter=jitter)))[0].numpy()
+        means = batch.reshape(64, -1, 3).mean(axis=1)
+        return float(np.std(means[:, 0] / np.maximum(means[:, 1], 1.0)))
+
+    assert spread("strong") > 2 * spread("mild") > 0
 
 
 def test_melanoma_vs_nevus_auc_ignores_the_easy_negatives() -> None:

@@ -60,7 +60,7 @@ def _png(figure) -> str:
 def _training_curves(history: list[dict]):
     epochs = [h["epoch"] for h in history]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    left.plot(epochs, [h["loss"] for h in history], label="training loss (class-weighted)")
+    left.plot(epochs, [h["loss"] for h in history], label="training loss (as balanced by --balance)")
     left.set_xlabel("epoch")
     left.legend()
     for key, label in (("accuracy", "training accuracy (augmented)"), ("val_accuracy", "validation accuracy"),

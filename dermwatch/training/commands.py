@@ -55,6 +55,9 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
 @click.option("--colour", type=click.Choice(COLOUR_MODES), default="as-is", show_default=True,
               help="shades-of-grey removes each image's colour cast, luminance leaves colour out, before "
                    "training (and, via the card, before inference).")
+@click.option("--colour-jitter", type=click.Choice(["mild", "strong"]), default="mild", show_default=True,
+              help="How far augmentation moves each training image's colours; strong also changes each "
+                   "channel's gain, as another camera's white balance would.")
 @click.option("--crop", type=click.Choice(CROP_MODES), default="whole-frame", show_default=True,
               help="Cut each image to the square around its lesion before training (and, via the card, "
                    "before inference).")
@@ -69,15 +72,15 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
                    "one split, so each member's validation images are unseen by every member.")
 def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_dir: Path, arch: str,
                   input_size: int, width: int, epochs: int, batch_size: int, learning_rate: float,
-                  balance: str, colour: str, crop: str, epoch_images: int, ema: bool, seed: int,
+                  balance: str, colour: str, colour_jitter: str, crop: str, epoch_images: int, ema: bool, seed: int,
                   split_seed: int | None) -> None:
     """Audit the data, split it by lesion, and train a network from scratch."""
     from dermwatch.training.train import TrainOptions, train
 
     options = TrainOptions(arch=arch, input_size=input_size, width=width, epochs=epochs,
                            batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                           balance=balance, colour=colour, crop=crop, epoch_images=epoch_images, ema=ema,
-                           split_seed=split_seed)
+                           balance=balance, colour=colour, colour_jitter=colour_jitter, crop=crop,
+                           epoch_images=epoch_images, ema=ema, split_seed=split_seed)
     result = audit(list(data_roots), ground_truth, seed=seed if split_seed is None else split_seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(result.rows, out_dir / "manifest.csv")

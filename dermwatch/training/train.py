@@ -18,6 +18,7 @@ from dermwatch.preprocess import COLOUR_MODES, CROP_MODES, model_view
 from dermwatch.training.audit import Audit, ManifestRow
 from dermwatch.training.calibration import THRESHOLD_RULE, calibrate, softmax
 from dermwatch.training.data import (
+    COLOUR_JITTERS,
     balance_weights,
     class_and_source_weights,
     class_priors,
@@ -52,6 +53,7 @@ class TrainOptions:
     # "none" does neither.
     balance: str = "weights"
     augment: bool = True  # flips, rotations, affine and colour jitter on the fly
+    colour_jitter: str = "mild"  # data.COLOUR_JITTERS: how far augmentation moves colours
     schedule: str = "cosine"  # cosine: AdamW, warm-up then cosine decay; constant: plain Adam
     keep_best: bool = True  # restore the best validation epoch; False keeps the last one
     ema: bool = False  # score and keep an exponential moving average of the weights (cosine only)
@@ -71,6 +73,8 @@ class TrainOptions:
             raise ValueError(f"unknown colour mode {self.colour!r}; choose one of {', '.join(COLOUR_MODES)}")
         if self.crop not in CROP_MODES:
             raise ValueError(f"unknown crop mode {self.crop!r}; choose one of {', '.join(CROP_MODES)}")
+        if self.colour_jitter not in COLOUR_JITTERS:
+            raise ValueError(f"unknown colour jitter {self.colour_jitter!r}; choose one of {', '.join(COLOUR_JITTERS)}")
         if self.epoch_images < 0:
             raise ValueError(f"epoch_images must be 0 (every image) or a positive count, not {self.epoch_images}")
 
@@ -162,7 +166,7 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
     started = time.monotonic()
     model.fit(
         training_batches(x_train, y_train, options.batch_size, options.seed, augment=options.augment,
-                         sample_weights=sample_weights, draws=draws),
+                         sample_weights=sample_weights, draws=draws, colour_jitter=options.colour_jitter),
         epochs=options.epochs,
         steps_per_epoch=steps_per_epoch if drawn else None,
         class_weight=class_weights(y_train) if options.balance == "weights" and not drawn else None,
