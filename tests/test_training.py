@@ -391,6 +391,23 @@ def test_strong_colour_jitter_moves_colours_further_than_mild() -> None:
     assert spread("strong") > 2 * spread("mild") > 0
 
 
+def test_card_names_its_intended_use_and_its_worst_source(tmp_path: Path) -> None:
+    from dermwatch.modelcard import load_card, shipped_model_path
+    from dermwatch.training.card_html import render_card_html
+
+    card = load_card(shipped_model_path()).document
+    base = card["evaluation"]["sets"]["validation"]
+    sets = {"validation": base}
+    for name, auc in (("validation:isic9", 0.62), ("validation:supplement", 0.41), ("external:derm7pt", 0.55)):
+        sets[name] = {**base, "melanoma_vs_nevus_auc": auc, "nevus_flag_rate": 0.9, "intervals": {}}
+    html = render_card_html({**card, "evaluation": {"sets": sets}}, tmp_path / "card.html").read_text()
+    text = " ".join(html.split())
+    assert "Intended use" in text and "it does not diagnose" in text
+    assert "It may have learned cameras, not lesions." in text
+    assert "worst on Validation, only images from supplement/: AUC 0.410" in text
+    assert "At derm7pt, a clinic it never saw: the alert finds" in text and "flags 0.900 of nevi" in text
+
+
 def test_melanoma_vs_nevus_auc_ignores_the_easy_negatives() -> None:
     from dermwatch.training.metrics import summarize
 

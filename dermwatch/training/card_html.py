@@ -28,7 +28,22 @@ def set_title(name: str) -> str:
     """The card's heading for a set; "validation:ROOT" is validation restricted to one data root."""
     if name.startswith("validation:"):
         return f"Validation, only images from {name.partition(':')[2]}/"
+    if name.startswith("external:"):
+        return f"{name.partition(':')[2]}, another clinic (never trained on)"
     return SET_TITLES.get(name, name)
+
+
+#: Sets that are one source each: a --data root's validation images, or another clinic's.
+SOURCE_PREFIXES = ("validation:", "external:")
+
+
+def sources_worst_first(sets: dict[str, dict]) -> list[tuple[str, dict]]:
+    """The one-source sets, the one that tells melanoma from nevus worst first (n/a last)."""
+    def auc(item: tuple[str, dict]) -> float:
+        value = item[1].get("melanoma_vs_nevus_auc")
+        return value if value is not None and np.isfinite(value) else np.inf
+
+    return sorted(((name, m) for name, m in sets.items() if name.startswith(SOURCE_PREFIXES)), key=auc)
 
 
 def render_card_html(card: dict[str, Any], path: Path) -> Path:
@@ -44,7 +59,8 @@ def render_card_html(card: dict[str, Any], path: Path) -> Path:
     if sets:
         plots["Melanoma ROC"] = _png(_roc(sets, card["melanoma_threshold"]))
     html = environment.get_template("model_card.html").render(
-        card=card, sets=sets, titles={name: set_title(name) for name in sets}, labels=CLASS_NAMES, plots=plots
+        card=card, sets=sets, titles={name: set_title(name) for name in sets}, labels=CLASS_NAMES, plots=plots,
+        sources=sources_worst_first(sets),
     )
     path.write_text(html)
     return path
