@@ -28,7 +28,8 @@ from dermwatch.training.metrics import MELANOMA_INDEX, roc_auc
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--most", type=int, default=1500, help="images per split and root at most (evenly spaced)")
+    parser.add_argument("--most", type=int, default=1500,
+                        help="thin each split and root to about this many images (every k-th, k = count // MOST)")
     args = parser.parse_args()
     options = json.loads((args.run_dir / "training.json").read_text())["options"]
     rows = read_manifest(args.run_dir / "manifest.csv")

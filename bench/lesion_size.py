@@ -39,7 +39,8 @@ def box_sides(files: list[Path]) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("roots", type=Path, nargs="+", help="folders with melanoma/ and nevus/ subfolders")
-    parser.add_argument("--most", type=int, default=1200, help="images per class and root at most (evenly spaced)")
+    parser.add_argument("--most", type=int, default=1200,
+                        help="thin each class and root to about this many images (every k-th, k = count // MOST)")
     args = parser.parse_args()
     print("| root | melanomas | nevi | box side, melanoma | box side, nevus | AUC | whole frame, melanoma "
           "| whole frame, nevus |")

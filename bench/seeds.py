@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from dermwatch.modelcard import load_card
+from dermwatch.training.card_html import SOURCE_PREFIXES
 
 METRICS = [
     ("melanoma_vs_nevus_auc", "melanoma vs nevus AUC"), ("melanoma_roc_auc", "melanoma AUC"),
     ("melanoma_sensitivity", "sensitivity"), ("melanoma_specificity", "specificity"),
     ("nevus_flag_rate", "nevi flagged"), ("balanced_accuracy", "balanced acc."),
 ]
-#: The sets of a card that are one source each (the pooled validation and Test sets are not).
-SOURCE_PREFIXES = ("validation:", "external:")
 
 
 def source_sets(card: dict) -> dict[str, dict]:

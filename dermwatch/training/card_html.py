@@ -33,7 +33,8 @@ def set_title(name: str) -> str:
     return SET_TITLES.get(name, name)
 
 
-#: Sets that are one source each: a --data root's validation images, or another clinic's.
+#: The sets of a card that are one source each: a --data root's validation images, or another
+#: clinic's (the pooled validation and Test sets are not).
 SOURCE_PREFIXES = ("validation:", "external:")
 
 
