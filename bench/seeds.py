@@ -7,8 +7,10 @@
 Each recipe is a name and the models its seeds trained (each scored by `dermwatch export`,
 with --external for another clinic). For every source a card scores (each --data root's
 validation images, each external clinic) the table gives the mean over the seeds and the
-range, so a recipe is judged on its worst source and not on one lucky split. A seed also
-draws its own lesion-grouped split, so the spread holds the split's noise too.
+range, so a recipe is judged on its worst source and not on one lucky seed. Seeds trained
+with one --split-seed share their validation images (the spread is training's noise);
+otherwise each seed draws its own split and the spread holds the split's noise too.
+With --card the table is stored in that model's card, whose HTML shows it.
 """
 
 from __future__ import annotations
@@ -19,47 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from dermwatch.modelcard import load_card
-from dermwatch.training.card_html import SOURCE_PREFIXES
-
-METRICS = [
-    ("melanoma_vs_nevus_auc", "melanoma vs nevus AUC"), ("melanoma_roc_auc", "melanoma AUC"),
-    ("melanoma_sensitivity", "sensitivity"), ("melanoma_specificity", "specificity"),
-    ("nevus_flag_rate", "nevi flagged"), ("balanced_accuracy", "balanced acc."),
-]
-
-
-def source_sets(card: dict) -> dict[str, dict]:
-    return {name: metrics for name, metrics in card["evaluation"]["sets"].items() if name.startswith(SOURCE_PREFIXES)}
-
-
-def seed_rows(name: str, cards: list[dict]) -> list[dict]:
-    """One row per source every seed scored: mean, min and max of each metric, worst first."""
-    per_seed = [source_sets(card) for card in cards]
-    sources = set.intersection(*(set(sets) for sets in per_seed))
-    rows = []
-    for source in sources:
-        row = {"recipe": name, "source": source, "seeds": len(cards),
-               "images": round(float(np.mean([sets[source]["images"] for sets in per_seed])))}
-        for key, _ in METRICS:
-            values = [sets[source][key] for sets in per_seed if sets[source].get(key) is not None]
-            row[key] = (float(np.mean(values)), min(values), max(values)) if values else None
-        rows.append(row)
-    return sorted(rows, key=lambda r: r["melanoma_vs_nevus_auc"][0] if r["melanoma_vs_nevus_auc"] else 1.0)
-
-
-def cell(value: tuple[float, float, float] | None) -> str:
-    if value is None:
-        return "n/a"
-    mean, low, high = value
-    return f"{mean:.3f}" if low == high else f"{mean:.3f} ({low:.3f}–{high:.3f})"
+from dermwatch.training.export import write_card_and_html
+from dermwatch.training.seed_table import SEED_METRICS, seed_rows, source_sets, spread_text
 
 
 def markdown(rows: list[dict]) -> str:
-    header = ["recipe", "source", "seeds", "images", *[title for _, title in METRICS]]
+    header = ["recipe", "source", "seeds", "images", *[title for _, title in SEED_METRICS]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["recipe"], row["source"], str(row["seeds"]), str(row["images"]),
-                 *[cell(row[key]) for key, _ in METRICS]]
+                 *[spread_text(row[key]) for key, _ in SEED_METRICS]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -89,16 +60,24 @@ def main() -> None:
     parser.add_argument("recipes", nargs="+", help='NAME=MODEL[,MODEL...]: the .tflite of each seed of one recipe')
     parser.add_argument("--against", metavar="NAME",
                         help="also compare every recipe with this one, seed by seed (melanoma vs nevus AUC)")
+    parser.add_argument("--card", type=Path, metavar="MODEL",
+                        help="store the table in this model's card (field seed_table) and render its HTML again")
     args = parser.parse_args()
     cards: dict[str, list[dict]] = {}
     for recipe in args.recipes:
         name, _, paths = recipe.partition("=")
         cards[name] = [load_card(Path(path)).document for path in paths.split(",")]
-    print(markdown([row for name, recipe_cards in cards.items() for row in seed_rows(name, recipe_cards)]))
+    rows = [row for name, recipe_cards in cards.items() for row in seed_rows(name, recipe_cards)]
+    print(markdown(rows))
     print("\nRows of each recipe run worst source first (by mean melanoma-vs-nevus AUC); "
           "brackets: the lowest and highest seed.")
     if args.against:
         print("\n" + "\n".join(paired_rows(cards, args.against)))
+    if args.card:
+        document = load_card(args.card).document
+        document["seed_table"] = rows
+        write_card_and_html(args.card, document)
+        print(f"\nstored in {args.card}'s card and {args.card.with_suffix('.html')}")
 
 
 if __name__ == "__main__":

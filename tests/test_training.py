@@ -403,6 +403,33 @@ def test_card_names_its_intended_use_and_its_worst_source(tmp_path: Path) -> Non
     assert "At derm7pt, a clinic it never saw: the alert finds" in text and "flags 0.900 of nevi" in text
 
 
+def test_card_shows_each_recipe_per_source_over_its_seeds(tmp_path: Path) -> None:
+    import json
+
+    from dermwatch.modelcard import load_card, shipped_model_path
+    from dermwatch.training.card_html import render_card_html
+    from dermwatch.training.seed_table import seed_rows
+
+    card = load_card(shipped_model_path()).document
+    base = card["evaluation"]["sets"]["validation"]
+
+    def seed_card(isic9: float, derm7pt: float) -> dict:
+        sets = {"validation": base, "validation:isic9": {**base, "melanoma_vs_nevus_auc": isic9},
+                "external:derm7pt": {**base, "melanoma_vs_nevus_auc": derm7pt, "balanced_accuracy": None}}
+        return {"evaluation": {"sets": sets}}
+
+    rows = seed_rows("base", [seed_card(0.50, 0.70), seed_card(0.40, 0.60), seed_card(0.45, 0.62)])
+    assert [row["source"] for row in rows] == ["validation:isic9", "external:derm7pt"]  # worst first
+    assert rows[0]["melanoma_vs_nevus_auc"] == pytest.approx((0.45, 0.40, 0.50))
+    assert rows[1]["balanced_accuracy"] is None and rows[0]["seeds"] == 3
+    stored = json.loads(json.dumps({**card, "seed_table": rows}))  # as the card file holds it
+    text = " ".join(render_card_html(stored, tmp_path / "card.html").read_text().split())
+    assert "Recipes over seeds, per source" in text
+    assert "<td>base</td><td>validation:isic9</td><td>3</td>" in text
+    assert "<td>0.450 (0.400–0.500)</td>" in text and "<td>0.640 (0.600–0.700)</td>" in text
+    assert "<td>n/a</td>" in text
+
+
 def test_melanoma_vs_nevus_auc_ignores_the_easy_negatives() -> None:
     from dermwatch.training.metrics import summarize
 

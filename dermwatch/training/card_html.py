@@ -16,6 +16,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 
 from dermwatch.labels import CLASS_NAMES  # noqa: E402
 from dermwatch.training.metrics import figure  # noqa: E402
+from dermwatch.training.seed_table import SEED_METRICS, SOURCE_PREFIXES, spread_text  # noqa: E402
 
 SET_TITLES = {
     "validation": "Validation (lesion-grouped split of the training folders)",
@@ -33,11 +34,6 @@ def set_title(name: str) -> str:
     return SET_TITLES.get(name, name)
 
 
-#: The sets of a card that are one source each: a --data root's validation images, or another
-#: clinic's (the pooled validation and Test sets are not).
-SOURCE_PREFIXES = ("validation:", "external:")
-
-
 def sources_worst_first(sets: dict[str, dict]) -> list[tuple[str, dict]]:
     """The one-source sets, the one that tells melanoma from nevus worst first (n/a last)."""
     def auc(item: tuple[str, dict]) -> float:
@@ -50,6 +46,7 @@ def sources_worst_first(sets: dict[str, dict]) -> list[tuple[str, dict]]:
 def render_card_html(card: dict[str, Any], path: Path) -> Path:
     environment = Environment(loader=PackageLoader("dermwatch", "templates"), autoescape=select_autoescape())
     environment.globals["figure"] = figure
+    environment.globals["spread"] = spread_text
     plots = {}
     history = card.get("training", {}).get("history")
     if history:
@@ -61,7 +58,7 @@ def render_card_html(card: dict[str, Any], path: Path) -> Path:
         plots["Melanoma ROC"] = _png(_roc(sets, card["melanoma_threshold"]))
     html = environment.get_template("model_card.html").render(
         card=card, sets=sets, titles={name: set_title(name) for name in sets}, labels=CLASS_NAMES, plots=plots,
-        sources=sources_worst_first(sets),
+        sources=sources_worst_first(sets), seed_metrics=SEED_METRICS,
     )
     path.write_text(html)
     return path
