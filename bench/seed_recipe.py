@@ -26,7 +26,8 @@ from PIL import Image
 
 from dermwatch.labels import CLASS_NAMES
 from dermwatch.training.audit import Audit, audit, write_manifest
-from dermwatch.training.train import TrainOptions, train
+from dermwatch.training.options import TrainOptions
+from dermwatch.training.train import train
 
 COPIES_PER_CLASS = 500
 

@@ -9,6 +9,10 @@ import click
 from dermwatch.preprocess import COLOUR_MODES, CROP_MODES
 from dermwatch.training.audit import audit, write_manifest
 from dermwatch.training.metrics import figure
+from dermwatch.training.options import BALANCE_MODES, COLOUR_JITTER_NAMES, TrainOptions, split_seed_of
+
+#: The default recipe: one definition, in TrainOptions.
+DEFAULTS = TrainOptions()
 
 data_option = click.option(
     "--data", "data_roots", multiple=True, required=True,
@@ -19,7 +23,8 @@ ground_truth_option = click.option(
     "--ground-truth", type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="ISIC ground-truth CSV (image, lesion_id, diagnosis) to resolve labels and group lesions.",
 )
-seed_option = click.option("--seed", default=0, show_default=True, help="Seed of the split and of training.")
+seed_option = click.option("--seed", default=DEFAULTS.seed, show_default=True,
+                           help="Seed of the split and of training.")
 
 
 @click.command("audit")
@@ -42,29 +47,29 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
 @ground_truth_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the manifest, the Keras model and training.json.")
-@click.option("--arch", type=click.Choice(["dermnet", "seed"]), default="dermnet", show_default=True)
-@click.option("--input-size", default=160, show_default=True, help="Side of the square model input.")
-@click.option("--width", default=32, show_default=True, help="Filters of the first stage (dermnet).")
-@click.option("--epochs", default=80, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--learning-rate", default=2e-3, show_default=True)
-@click.option("--balance", type=click.Choice(["weights", "class-and-source", "logit-adjust", "none"]),
-              default="weights", show_default=True,
-              help="Class imbalance: inverse-frequency loss weights; the same with each --data root weighed equally "
+@click.option("--arch", type=click.Choice(["dermnet", "seed"]), default=DEFAULTS.arch, show_default=True)
+@click.option("--input-size", default=DEFAULTS.input_size, show_default=True, help="Side of the square model input.")
+@click.option("--width", default=DEFAULTS.width, show_default=True, help="Filters of the first stage (dermnet).")
+@click.option("--epochs", default=DEFAULTS.epochs, show_default=True)
+@click.option("--batch-size", default=DEFAULTS.batch_size, show_default=True)
+@click.option("--learning-rate", default=DEFAULTS.learning_rate, show_default=True)
+@click.option("--balance", type=click.Choice(BALANCE_MODES), default=DEFAULTS.balance, show_default=True,
+              help="Class imbalance: inverse-frequency class weights; the same with each --data root weighed equally "
                    "within a class; or log-prior logit adjustment after training.")
-@click.option("--colour", type=click.Choice(COLOUR_MODES), default="as-is", show_default=True,
+@click.option("--colour", type=click.Choice(COLOUR_MODES), default=DEFAULTS.colour, show_default=True,
               help="shades-of-grey removes each image's colour cast, luminance leaves colour out, before "
                    "training (and, via the card, before inference).")
-@click.option("--colour-jitter", type=click.Choice(["mild", "strong"]), default="mild", show_default=True,
+@click.option("--colour-jitter", type=click.Choice(COLOUR_JITTER_NAMES), default=DEFAULTS.colour_jitter,
+              show_default=True,
               help="How far augmentation moves each training image's colours; strong also changes each "
                    "channel's gain, as another camera's white balance would.")
-@click.option("--crop", type=click.Choice(CROP_MODES), default="whole-frame", show_default=True,
+@click.option("--crop", type=click.Choice(CROP_MODES), default=DEFAULTS.crop, show_default=True,
               help="Cut each image to the square around its lesion before training (and, via the card, "
                    "before inference).")
-@click.option("--epoch-images", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Draw this many training images per epoch, each as likely as --balance weighs it, instead "
-                   "of weighting the loss over every image (0): short epochs, to screen a recipe over seeds.")
-@click.option("--ema/--no-ema", default=False, show_default=True,
+@click.option("--epoch-images", default=DEFAULTS.epoch_images, show_default=True, type=click.IntRange(min=0),
+              help="Each epoch draws this many training images, each as likely as --balance weighs it, with an "
+                   "unweighted loss; 0: every image once per epoch, the loss weighted by --balance instead.")
+@click.option("--ema/--no-ema", default=DEFAULTS.ema, show_default=True,
               help="Score and keep an exponential moving average of the weights instead of the raw weights.")
 @seed_option
 @click.option("--split-seed", type=int, default=None,
@@ -75,7 +80,7 @@ def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_d
                   balance: str, colour: str, colour_jitter: str, crop: str, epoch_images: int, ema: bool, seed: int,
                   split_seed: int | None) -> None:
     """Audit the data, split it by lesion, and train a network from scratch."""
-    from dermwatch.training.train import TrainOptions, train
+    from dermwatch.training.train import train
 
     options = TrainOptions(arch=arch, input_size=input_size, width=width, epochs=epochs,
                            batch_size=batch_size, learning_rate=learning_rate, seed=seed,
@@ -165,7 +170,7 @@ def evaluate_command(model: Path, data_roots: tuple[Path, ...], ground_truth: Pa
     from dermwatch.modelcard import load_card
     from dermwatch.training.card_html import render_card_html
     from dermwatch.training.evaluate import evaluate_model
-    from dermwatch.training.train import data_fingerprint, split_seed_of
+    from dermwatch.training.train import data_fingerprint
 
     card = load_card(model).document
     training = card.get("training", {})

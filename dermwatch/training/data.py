@@ -13,6 +13,7 @@ import tensorflow as tf
 from dermwatch.labels import CLASS_NAMES
 from dermwatch.pipeline.decode import read_model_input
 from dermwatch.training.audit import TRAINING_MAX_PIXELS, ManifestRow
+from dermwatch.training.options import COLOUR_JITTER_NAMES
 
 
 def load_arrays(rows: list[ManifestRow], input_size: int, *, labels: str = "resolved") -> tuple[np.ndarray, np.ndarray]:
@@ -112,11 +113,10 @@ class ColourJitter:
 
 #: "mild" is what every model so far trained with. "strong" moves colour further than cameras
 #: differ, so that no colour statistic alone can tell a melanoma's camera from a nevus's.
-COLOUR_JITTERS = {
-    "mild": ColourJitter(brightness=0.1 * 255, contrast=(0.85, 1.15), saturation=(0.8, 1.2), hue=0.03),
-    "strong": ColourJitter(brightness=0.2 * 255, contrast=(0.6, 1.4), saturation=(0.3, 1.7), hue=0.08,
-                           channel_gain=0.15),
-}
+COLOUR_JITTERS = dict(zip(COLOUR_JITTER_NAMES, (
+    ColourJitter(brightness=0.1 * 255, contrast=(0.85, 1.15), saturation=(0.8, 1.2), hue=0.03),
+    ColourJitter(brightness=0.2 * 255, contrast=(0.6, 1.4), saturation=(0.3, 1.7), hue=0.08, channel_gain=0.15),
+), strict=True))
 
 
 def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import keras
@@ -14,11 +14,10 @@ import numpy as np
 import tensorflow as tf
 
 from dermwatch.labels import CLASS_NAMES
-from dermwatch.preprocess import COLOUR_MODES, CROP_MODES, model_view
+from dermwatch.preprocess import model_view
 from dermwatch.training.audit import Audit, ManifestRow
 from dermwatch.training.calibration import THRESHOLD_RULE, calibrate, softmax
 from dermwatch.training.data import (
-    COLOUR_JITTERS,
     balance_weights,
     class_and_source_weights,
     class_priors,
@@ -29,60 +28,9 @@ from dermwatch.training.data import (
 )
 from dermwatch.training.metrics import MELANOMA_INDEX, balanced_accuracy, roc_auc, summarize
 from dermwatch.training.model import build_model
+from dermwatch.training.options import TrainOptions
 
 log = logging.getLogger(__name__)
-
-
-BALANCE_MODES = ("weights", "class-and-source", "logit-adjust", "none")
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    arch: str = "dermnet"
-    input_size: int = 160
-    width: int = 32
-    epochs: int = 80
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-    # How class imbalance is handled: "weights" weights the loss by inverse class frequency;
-    # "logit-adjust" trains on the data as it is and subtracts log(class prior) from the
-    # logits afterwards (Menon et al., 2021), which targets balanced error; "class-and-source"
-    # also weighs each data root equally within a class, so the root is no cue to the class;
-    # "none" does neither.
-    balance: str = "weights"
-    augment: bool = True  # flips, rotations, affine and colour jitter on the fly
-    colour_jitter: str = "mild"  # data.COLOUR_JITTERS: how far augmentation moves colours
-    schedule: str = "cosine"  # cosine: AdamW, warm-up then cosine decay; constant: plain Adam
-    keep_best: bool = True  # restore the best validation epoch; False keeps the last one
-    ema: bool = False  # score and keep an exponential moving average of the weights (cosine only)
-    colour: str = "as-is"  # preprocess.COLOUR_MODES: "shades-of-grey" removes each image's colour cast
-    crop: str = "whole-frame"  # preprocess.CROP_MODES: "lesion" cuts each image to the square around its lesion
-    # 0: every training image once per epoch, balanced by loss weights. N: each epoch draws N
-    # images, each as likely as the balance mode weighs it (data.epoch_draws), loss unweighted.
-    epoch_images: int = 0
-    # The seed the lesion-grouped split was drawn with, when not ``seed`` (members of a seed
-    # ensemble share one split). Recorded so `evaluate` can draw the same split again.
-    split_seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.balance not in BALANCE_MODES:
-            raise ValueError(f"unknown balance mode {self.balance!r}; choose one of {', '.join(BALANCE_MODES)}")
-        if self.colour not in COLOUR_MODES:
-            raise ValueError(f"unknown colour mode {self.colour!r}; choose one of {', '.join(COLOUR_MODES)}")
-        if self.crop not in CROP_MODES:
-            raise ValueError(f"unknown crop mode {self.crop!r}; choose one of {', '.join(CROP_MODES)}")
-        if self.colour_jitter not in COLOUR_JITTERS:
-            raise ValueError(f"unknown colour jitter {self.colour_jitter!r}; choose one of {', '.join(COLOUR_JITTERS)}")
-        if self.epoch_images < 0:
-            raise ValueError(f"epoch_images must be 0 (every image) or a positive count, not {self.epoch_images}")
-
-
-def split_seed_of(options: dict) -> int:
-    """The split seed a training record's options were audited with."""
-    split_seed = options.get("split_seed")
-    return options.get("seed", 0) if split_seed is None else split_seed
 
 
 def data_fingerprint(rows: list[ManifestRow]) -> str:
