@@ -162,7 +162,8 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     runner = CliRunner()
     trained = runner.invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth", str(planted["truth"]),
                                   "--out", str(run_dir), "--epochs", "2", "--input-size", "32", "--width", "4",
-                                  "--batch-size", "16"], catch_exceptions=False)
+                                  "--batch-size", "16", "--epoch-images", "0", "--balance", "weights"],
+                             catch_exceptions=False)  # every image each epoch, the loss weighted
     assert trained.exit_code == 0, trained.output
     record = json.loads((run_dir / "training.json").read_text())
     assert 0 < record["melanoma_threshold"] < 1 and record["temperature"] > 0
@@ -206,7 +207,8 @@ def test_training_repeats_and_a_seed_ensemble_averages_its_members(planted: dict
         result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth",
                                           str(planted["truth"]), "--out", str(tmp_path / name), "--epochs", "2",
                                           "--input-size", "32", "--width", "4", "--batch-size", "16",
-                                          "--seed", str(seed), "--split-seed", "5"], catch_exceptions=False)
+                                          "--epoch-images", "64", "--seed", str(seed), "--split-seed", "5"],
+                                    catch_exceptions=False)
         assert result.exit_code == 0, result.output
         return tmp_path / name
 
@@ -494,7 +496,7 @@ def test_class_and_source_balance_trains_and_validation_is_scored_per_root(
     result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--data", str(supplement),
                                       "--ground-truth", str(planted["truth"]), "--out", str(run_dir),
                                       "--epochs", "1", "--input-size", "32", "--width", "4", "--batch-size", "16",
-                                      "--balance", "class-and-source"], catch_exceptions=False)
+                                      "--epoch-images", "64"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert json.loads((run_dir / "training.json").read_text())["options"]["balance"] == "class-and-source"
     from dermwatch.training.evaluate import evaluation_sets

@@ -13,10 +13,14 @@ BALANCE_MODES = ("weights", "class-and-source", "logit-adjust", "none")
 
 @dataclass(frozen=True)
 class TrainOptions:
+    """One network's recipe. The defaults are each member of the shipped seed ensemble: 96 px,
+    12 epochs of 2,816 images drawn evenly over classes and, within a class, over data roots
+    (14-17 minutes on every source with 2 cores)."""
+
     arch: str = "dermnet"
-    input_size: int = 160
+    input_size: int = 96
     width: int = 32
-    epochs: int = 80
+    epochs: int = 12
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
@@ -26,7 +30,7 @@ class TrainOptions:
     # logits afterwards (Menon et al., 2021), which targets balanced error; "class-and-source"
     # also weighs each data root equally within a class, so the root is no cue to the class;
     # "none" does neither.
-    balance: str = "weights"
+    balance: str = "class-and-source"
     augment: bool = True  # flips, rotations, affine and colour jitter on the fly
     colour_jitter: str = "mild"  # COLOUR_JITTER_NAMES: how far augmentation moves colours
     schedule: str = "cosine"  # cosine: AdamW, warm-up then cosine decay; constant: plain Adam
@@ -36,7 +40,7 @@ class TrainOptions:
     crop: str = "whole-frame"  # preprocess.CROP_MODES: "lesion" cuts each image to the square around its lesion
     # 0: every training image once per epoch, balanced by loss weights. N: each epoch draws N
     # images, each as likely as the balance mode weighs it (data.epoch_draws), loss unweighted.
-    epoch_images: int = 0
+    epoch_images: int = 2816
     # The seed the lesion-grouped split was drawn with, when not ``seed`` (members of a seed
     # ensemble share one split). Recorded so `evaluate` can draw the same split again.
     split_seed: int | None = None
