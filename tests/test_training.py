@@ -198,6 +198,19 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     assert float_card["training"]["threshold_rule"].endswith("of every data root (the worst root decides)")
     assert "chosen for shipping: dermwatch-" in exported.output
 
+    from dermwatch.modelcard import write_card
+    from dermwatch.training.export import choose_shipped
+
+    paths = [run_dir / "export" / f"dermwatch-{quantization}.tflite" for quantization in ("float32", "int8")]
+    int8_card = json.loads((run_dir / "export" / "dermwatch-int8.json").read_text())
+    close = {**float_card["evaluation"]["sets"]["validation"]}
+    close["melanoma_specificity"] -= 0.009
+    write_card(paths[1], {**int8_card, "evaluation": {"sets": {"validation": close}}})
+    assert choose_shipped(paths) == paths[1]  # rounding cost under a point: the small file ships
+    close["accuracy"] -= 0.02
+    write_card(paths[1], {**int8_card, "evaluation": {"sets": {"validation": close}}})
+    assert choose_shipped(paths) == paths[0]
+
 
 def test_training_repeats_and_a_seed_ensemble_averages_its_members(planted: dict[str, Path], tmp_path: Path) -> None:
     """Same seed, same model; two seeds on one split average into one model that exports like a run."""

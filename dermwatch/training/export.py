@@ -175,16 +175,25 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False,
     return paths
 
 
+#: What int8 rounding may cost before float32 ships instead (on pooled validation).
+QUANTIZATION_FIGURES = ("accuracy", "balanced_accuracy", "melanoma_roc_auc", "melanoma_vs_nevus_auc",
+                        "melanoma_sensitivity", "melanoma_specificity")
+
+
 def choose_shipped(paths: list[Path], tolerance: float = 0.01) -> Path:
-    """int8 if its leak-free Test metrics stay within ``tolerance`` of float32's, else float32."""
+    """int8 if none of its pooled validation figures falls more than ``tolerance`` below float32's.
+
+    Pooled validation (every root's held-out images; 2,328 with 309 melanomas for the shipped
+    model), not leak-free Test: Test is reported, never chosen on, and with 16 melanomas one
+    image is 6 points of sensitivity, so a 1-point rule there measures luck, not rounding.
+    int8 is a quarter of the size, and the service holds one interpreter per core.
+    """
     cards = {load_card(p).document["quantization"]: p for p in paths}
-    float_sets = load_card(cards["float32"]).document["evaluation"]["sets"]
-    int8_sets = load_card(cards["int8"]).document["evaluation"]["sets"]
-    key = "test_leak_free" if "test_leak_free" in float_sets else "validation"
+    float_figures = load_card(cards["float32"]).document["evaluation"]["sets"]["validation"]
+    int8_figures = load_card(cards["int8"]).document["evaluation"]["sets"]["validation"]
     within = all(
-        float_sets[key][metric] - int8_sets[key][metric] <= tolerance
-        for metric in ("accuracy", "balanced_accuracy", "melanoma_roc_auc", "melanoma_sensitivity",
-                       "melanoma_specificity")
+        float_figures[name] - int8_figures[name] <= tolerance
+        for name in QUANTIZATION_FIGURES if float_figures.get(name) is not None and int8_figures.get(name) is not None
     )
     return cards["int8"] if within else cards["float32"]
 
