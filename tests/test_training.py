@@ -336,7 +336,7 @@ def test_class_and_source_weights_balance_each_class_across_roots() -> None:
 
 
 def test_sample_weights_stay_with_their_images_through_shuffle_and_augmentation() -> None:
-    from dermwatch.training.data import training_batches
+    from dermwatch.training.tf_batches import training_batches
 
     labels = np.arange(40) % 9
     images = np.zeros((40, 16, 16, 3), dtype=np.uint8)
@@ -371,7 +371,7 @@ def test_epoch_draws_balance_classes_and_roots_like_the_weights() -> None:
 
 
 def test_drawn_batches_follow_the_draws() -> None:
-    from dermwatch.training.data import training_batches
+    from dermwatch.training.tf_batches import training_batches
 
     labels = np.arange(12) % 9
     images = np.broadcast_to(np.arange(12, dtype=np.uint8)[:, None, None, None], (12, 8, 8, 3)).copy()
@@ -387,7 +387,7 @@ def test_drawn_batches_follow_the_draws() -> None:
 
 
 def test_strong_colour_jitter_moves_colours_further_than_mild() -> None:
-    from dermwatch.training.data import training_batches
+    from dermwatch.training.tf_batches import training_batches
 
     images = np.broadcast_to(np.array([150, 110, 100], np.uint8), (64, 8, 8, 3)).copy()  # one skin tone
     labels = np.zeros(64, np.int32)
@@ -399,6 +399,69 @@ def test_strong_colour_jitter_moves_colours_further_than_mild() -> None:
         return float(np.std(means[:, 0] / np.maximum(means[:, 1], 1.0)))
 
     assert spread("strong") > 2 * spread("mild") > 0
+
+
+def test_portable_batches_follow_the_draws_shuffle_each_epoch_and_jitter_like_tf_data() -> None:
+    from dermwatch.training.portable_batches import PortableBatches
+
+    labels = np.arange(12) % 9
+    images = np.broadcast_to(np.arange(12, dtype=np.uint8)[:, None, None, None], (12, 8, 8, 3)).copy()
+    draws = np.array([[5, 5, 0, 11], [3, 7, 7, 1]])
+    drawn = PortableBatches(images, labels, 4, seed=0, augment=False, draws=draws)
+    first = drawn[0]
+    drawn.on_epoch_end()
+    second = drawn[0]
+    assert len(drawn) == 1
+    np.testing.assert_array_equal(np.concatenate([first[0], second[0]])[:, 0, 0, 0], draws.ravel())
+    np.testing.assert_array_equal(np.concatenate([first[1], second[1]]), labels[draws.ravel()])
+    with pytest.raises(ValueError, match="not both"):
+        PortableBatches(images, labels, 4, seed=0, draws=draws, sample_weights=np.ones(12, np.float32))
+
+    shuffled = PortableBatches(images, labels, 5, seed=0, augment=False, sample_weights=np.arange(12.0))
+    epochs = []
+    for _ in range(2):
+        batches = [shuffled[i] for i in range(len(shuffled))]
+        assert [len(batch[0]) for batch in batches] == [5, 5, 2]
+        order = np.concatenate([batch[0][:, 0, 0, 0] for batch in batches])
+        np.testing.assert_array_equal(np.concatenate([batch[2] for batch in batches]), order)  # weights travel
+        epochs.append(order)
+        shuffled.on_epoch_end()
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(12)) and list(epochs[0]) != list(epochs[1])
+
+    skin = np.broadcast_to(np.array([150, 110, 100], np.uint8), (64, 8, 8, 3)).copy()
+
+    def spread(jitter: str) -> float:
+        batch = PortableBatches(skin, np.zeros(64, np.int32), 64, seed=0, colour_jitter=jitter)[0][0]
+        assert batch.shape == (64, 8, 8, 3) and 0 <= batch.min() and batch.max() <= 255
+        means = batch.reshape(64, -1, 3).mean(axis=1)
+        return float(np.std(means[:, 0] / np.maximum(means[:, 1], 1.0)))
+
+    assert spread("strong") > 2 * spread("mild") > 0
+    again = PortableBatches(skin, np.zeros(64, np.int32), 64, seed=0)
+    np.testing.assert_array_equal(again[0][0], PortableBatches(skin, np.zeros(64, np.int32), 64, seed=0)[0][0])
+
+
+def test_training_runs_on_jax_and_its_model_exports_with_tensorflow(planted: dict[str, Path], tmp_path: Path) -> None:
+    """A GPU machine has JAX and no TensorFlow: training must run there (the NumPy pipeline),
+    and TensorFlow must then convert what it saved."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "on-jax"
+    trained = subprocess.run(
+        [sys.executable, "-m", "dermwatch", "train", "--data", str(planted["root"]), "--ground-truth",
+         str(planted["truth"]), "--out", str(run_dir), "--epochs", "2", "--input-size", "32", "--width", "4",
+         "--batch-size", "16", "--epoch-images", "64"],
+        env={**os.environ, "KERAS_BACKEND": "jax"}, capture_output=True, text=True, timeout=600,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    record = json.loads((run_dir / "training.json").read_text())
+    assert record["keras_backend"] == "jax" and len(record["history"]) == 2
+    exported = CliRunner().invoke(cli, ["export", str(run_dir), "--version", "jax"], catch_exceptions=False)
+    assert exported.exit_code == 0, exported.output
+    card = json.loads((run_dir / "export" / "dermwatch-float32.json").read_text())
+    assert card["export_check"]["top1_agreement"] == 1.0 and card["training"]["options"]["epoch_images"] == 64
 
 
 def test_card_names_its_intended_use_and_its_worst_source(tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ def ensemble_run(run_dirs: list[Path], out_dir: Path) -> dict:
         "ensemble_members": [{"run": str(run_dir), "seed": record["options"]["seed"],
                               "best_epoch": record["best_epoch"], "wall_seconds": record["wall_seconds"]}
                              for run_dir, record in zip(run_dirs, records, strict=True)],
-        "tensorflow_version": first["tensorflow_version"],
+        "keras_backend": first.get("keras_backend", "tensorflow"),
         "data_fingerprint": first["data_fingerprint"],
         "train_images": first["train_images"],
         "val_images": first["val_images"],

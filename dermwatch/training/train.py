@@ -11,7 +11,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from dermwatch.labels import CLASS_NAMES
 from dermwatch.preprocess import model_view
@@ -24,11 +23,11 @@ from dermwatch.training.data import (
     class_weights,
     epoch_draws,
     load_arrays,
-    training_batches,
 )
 from dermwatch.training.metrics import MELANOMA_INDEX, balanced_accuracy, roc_auc, summarize
 from dermwatch.training.model import build_model
 from dermwatch.training.options import TrainOptions
+from dermwatch.training.portable_batches import PortableBatches
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +76,37 @@ class KeepBestEpoch(keras.callbacks.Callback):
         )
 
 
+def on_tensorflow() -> bool:
+    """Whether Keras runs on TensorFlow (the CPU default) rather than, say, JAX on a GPU."""
+    return keras.backend.backend() == "tensorflow"
+
+
+def _seed_everything(seed: int) -> None:
+    """Same seed, same data -> the same model: seeded generators, and on TensorFlow
+    deterministic kernels too (imported only there: a JAX machine has no TensorFlow)."""
+    keras.utils.set_random_seed(seed)
+    if on_tensorflow():
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def _batches(images: np.ndarray, labels: np.ndarray, options: TrainOptions,
+             sample_weights: np.ndarray | None, draws: np.ndarray | None):
+    """tf.data on TensorFlow, which the shipped members were trained with; on any other
+    backend the NumPy pipeline, the same augmentation in kind."""
+    if on_tensorflow():
+        from dermwatch.training.tf_batches import training_batches
+
+        return training_batches(images, labels, options.batch_size, options.seed, augment=options.augment,
+                                sample_weights=sample_weights, draws=draws, colour_jitter=options.colour_jitter)
+    return PortableBatches(images, labels, options.batch_size, options.seed, augment=options.augment,
+                           sample_weights=sample_weights, draws=draws, colour_jitter=options.colour_jitter)
+
+
 def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
     """Fit, keep the best epoch, calibrate, choose the melanoma threshold; save to ``out_dir``."""
-    keras.utils.set_random_seed(options.seed)
-    # Same seed, same data -> the same model: deterministic kernels and tf.data order.
-    tf.config.experimental.enable_op_determinism()
+    _seed_everything(options.seed)
     rows = audit.rows
     train_rows = [r for r in rows if r.split == "train"]
     val_rows = [r for r in rows if r.split == "val"]
@@ -113,8 +138,7 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
         if options.balance == "class-and-source" and not drawn else None
     started = time.monotonic()
     model.fit(
-        training_batches(x_train, y_train, options.batch_size, options.seed, augment=options.augment,
-                         sample_weights=sample_weights, draws=draws, colour_jitter=options.colour_jitter),
+        _batches(x_train, y_train, options, sample_weights, draws),
         epochs=options.epochs,
         steps_per_epoch=steps_per_epoch if drawn else None,
         class_weight=class_weights(y_train) if options.balance == "weights" and not drawn else None,
@@ -135,7 +159,8 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
     model.save(out_dir / "model.keras")
     record = {
         "options": asdict(options),
-        "tensorflow_version": tf.__version__,
+        "keras_backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
         "data_fingerprint": data_fingerprint(rows),
         "train_images": len(train_rows),
         "val_images": len(val_rows),
