@@ -207,6 +207,9 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     close["melanoma_specificity"] -= 0.009
     write_card(paths[1], {**int8_card, "evaluation": {"sets": {"validation": close}}})
     assert choose_shipped(paths) == paths[1]  # rounding cost under a point: the small file ships
+    no_nevi = {**close, "melanoma_vs_nevus_auc": float("nan")}
+    write_card(paths[1], {**int8_card, "evaluation": {"sets": {"validation": no_nevi}}})
+    assert choose_shipped(paths) == paths[1]  # a figure the set cannot give (no nevi) decides nothing
     close["accuracy"] -= 0.02
     write_card(paths[1], {**int8_card, "evaluation": {"sets": {"validation": close}}})
     assert choose_shipped(paths) == paths[0]

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 
 from dermwatch.labels import CLASS_NAMES  # noqa: E402
-from dermwatch.training.metrics import figure  # noqa: E402
+from dermwatch.training.metrics import defined, figure  # noqa: E402
 from dermwatch.training.seed_table import SEED_METRICS, SOURCE_PREFIXES, spread_text  # noqa: E402
 
 SET_TITLES = {
@@ -38,7 +38,7 @@ def sources_worst_first(sets: dict[str, dict]) -> list[tuple[str, dict]]:
     """The one-source sets, the one that tells melanoma from nevus worst first (n/a last)."""
     def auc(item: tuple[str, dict]) -> float:
         value = item[1].get("melanoma_vs_nevus_auc")
-        return value if value is not None and np.isfinite(value) else np.inf
+        return value if defined(value) else np.inf
 
     return sorted(((name, m) for name, m in sets.items() if name.startswith(SOURCE_PREFIXES)), key=auc)
 

@@ -24,7 +24,7 @@ from dermwatch.training.calibration import TARGET_SENSITIVITY, WORST_ROOT_RULE, 
 from dermwatch.training.card_html import render_card_html
 from dermwatch.training.data import load_arrays
 from dermwatch.training.evaluate import evaluate_model
-from dermwatch.training.metrics import worst_root_threshold
+from dermwatch.training.metrics import defined, worst_root_threshold
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False,
     return paths
 
 
-#: What int8 rounding may cost before float32 ships instead (on pooled validation).
+#: The pooled validation figures int8 rounding may lower by at most the tolerance.
 QUANTIZATION_FIGURES = ("accuracy", "balanced_accuracy", "melanoma_roc_auc", "melanoma_vs_nevus_auc",
                         "melanoma_sensitivity", "melanoma_specificity")
 
@@ -193,7 +193,7 @@ def choose_shipped(paths: list[Path], tolerance: float = 0.01) -> Path:
     int8_figures = load_card(cards["int8"]).document["evaluation"]["sets"]["validation"]
     within = all(
         float_figures[name] - int8_figures[name] <= tolerance
-        for name in QUANTIZATION_FIGURES if float_figures.get(name) is not None and int8_figures.get(name) is not None
+        for name in QUANTIZATION_FIGURES if defined(float_figures.get(name)) and defined(int8_figures.get(name))
     )
     return cards["int8"] if within else cards["float32"]
 

@@ -184,10 +184,16 @@ def summarize(probabilities: np.ndarray, y_true: np.ndarray, threshold: float) -
     }
 
 
+def defined(value: float | None) -> bool:
+    """Whether a figure has a value: a set that lacks a class it needs gives nan (None in
+    some cards)."""
+    return value is not None and math.isfinite(value)
+
+
 def figure(metrics: dict, name: str) -> str:
     """'0.690 [0.620–0.750]'; 'n/a' where the set lacks the class; no interval in older cards."""
     value = metrics.get(name)
-    if value is None or not math.isfinite(value):
+    if not defined(value):
         return "n/a"
     interval = (metrics.get("intervals") or {}).get(name)
     return f"{value:.3f} [{interval[0]:.3f}–{interval[1]:.3f}]" if interval else f"{value:.3f}"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dermwatch.training.metrics import defined
+
 #: The sets of a card that are one source each: a --data root's validation images, or another
 #: clinic's (the pooled validation and Test sets are not).
 SOURCE_PREFIXES = ("validation:", "external:")
@@ -37,8 +39,7 @@ def seed_rows(recipe: str, cards: list[dict]) -> list[dict]:
         row: dict = {"recipe": recipe, "source": source, "seeds": len(cards),
                      "images": round(float(np.mean([sets[source]["images"] for sets in per_seed])))}
         for key, _ in SEED_METRICS:
-            values = [sets[source][key] for sets in per_seed
-                      if sets[source].get(key) is not None and np.isfinite(sets[source][key])]
+            values = [sets[source][key] for sets in per_seed if defined(sets[source].get(key))]
             row[key] = (float(np.mean(values)), min(values), max(values)) if values else None
         rows.append(row)
     return sorted(rows, key=lambda r: r["melanoma_vs_nevus_auc"][0] if r["melanoma_vs_nevus_auc"] else 1.0)
