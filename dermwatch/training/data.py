@@ -99,6 +99,12 @@ def epoch_draws(weights: np.ndarray, epochs: int, epoch_images: int, seed: int) 
     return rng.choice(len(weights), size=(epochs, epoch_images), p=weights / weights.sum())
 
 
+def refuse_weights_with_draws(draws: np.ndarray | None, sample_weights: np.ndarray | None) -> None:
+    """Drawn epochs are already balanced by the draw: weighting their loss too would balance twice."""
+    if draws is not None and sample_weights is not None:
+        raise ValueError("drawn epochs are balanced by the draw: give draws or sample_weights, not both")
+
+
 @dataclass(frozen=True)
 class ColourJitter:
     """How far training moves each image's colours: brightness (added, in 0-255 units),

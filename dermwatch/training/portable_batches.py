@@ -11,7 +11,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from dermwatch.training.data import COLOUR_JITTERS, ColourJitter, geometric_augmentation
+from dermwatch.training.data import (
+    COLOUR_JITTERS,
+    ColourJitter,
+    geometric_augmentation,
+    refuse_weights_with_draws,
+)
 
 #: RGB to YIQ (NTSC): luma and two chroma axes. Saturation scales the chroma, hue turns it.
 RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
@@ -49,8 +54,7 @@ class PortableBatches(keras.utils.PyDataset):
                  augment: bool = True, sample_weights: np.ndarray | None = None,
                  draws: np.ndarray | None = None, colour_jitter: str = "mild") -> None:
         super().__init__()  # one worker: batches in order
-        if draws is not None and sample_weights is not None:
-            raise ValueError("drawn epochs are balanced by the draw: give draws or sample_weights, not both")
+        refuse_weights_with_draws(draws, sample_weights)
         self.images, self.labels, self.sample_weights = images, labels, sample_weights
         self.batch_size, self.seed, self.draws = batch_size, seed, draws
         self.jitter = COLOUR_JITTERS[colour_jitter]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from dermwatch.training.data import COLOUR_JITTERS, geometric_augmentation
+from dermwatch.training.data import COLOUR_JITTERS, geometric_augmentation, refuse_weights_with_draws
 
 
 def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
@@ -18,8 +18,7 @@ def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, se
     in that order. With ``sample_weights`` each batch is (images, labels, weights), which
     Keras applies to the loss.
     """
-    if draws is not None and sample_weights is not None:
-        raise ValueError("drawn epochs are balanced by the draw: give draws or sample_weights, not both")
+    refuse_weights_with_draws(draws, sample_weights)
     targets = labels if sample_weights is None else (labels, sample_weights)
     if draws is None:
         dataset = tf.data.Dataset.from_tensor_slices((images, targets)).shuffle(
