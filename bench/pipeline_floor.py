@@ -17,7 +17,6 @@ import hashlib
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -26,9 +25,9 @@ from pathlib import Path
 from throughput import MAX_PIXELS, make_photos, measure_bound
 
 from dermwatch.modelcard import shipped_model_path
-from dermwatch.pipeline.classifier import Classifier, load_classifier
+from dermwatch.pipeline.classifier import Classifier
 from dermwatch.pipeline.decode import read_model_input
-from dermwatch.pipeline.lanes import SWITCH_SECONDS
+from dermwatch.pipeline.lanes import lane_classifiers
 
 
 def floor_run(folder: Path, classifiers: list[Classifier]) -> float:
@@ -70,9 +69,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="threads, and cores in the bound")
     args = parser.parse_args()
     model = (args.model or shipped_model_path()).resolve()
-    first = load_classifier(model, threads=1)
-    classifiers = [first, *(Classifier(first.path, first.card, threads=1) for _ in range(args.cores - 1))]
-    sys.setswitchinterval(SWITCH_SECONDS)  # as the service's lanes run
+    classifiers = lane_classifiers(model, args.cores)  # and the switch interval, as the service's lanes
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -75,9 +75,14 @@ class Lanes:
             self._free.put(classifier)
 
 
-def open_lanes(model_path: Path | None, count: int) -> Lanes:
-    """``count`` lanes on the configured model (or the shipped one), each with a one-thread interpreter."""
+def lane_classifiers(model_path: Path | None, count: int) -> list[Classifier]:
+    """``count`` one-thread interpreters on the configured model (or the shipped one), with the
+    thread switch interval lanes run at."""
     sys.setswitchinterval(SWITCH_SECONDS)  # process-wide: `run` and `process` are the lanes' own processes
     first = load_classifier(model_path, threads=1)
-    others = [Classifier(first.path, first.card, threads=1) for _ in range(count - 1)]
-    return Lanes([first, *others])
+    return [first, *(Classifier(first.path, first.card, threads=1) for _ in range(count - 1))]
+
+
+def open_lanes(model_path: Path | None, count: int) -> Lanes:
+    """``count`` lanes on the configured model (or the shipped one), each with a one-thread interpreter."""
+    return Lanes(lane_classifiers(model_path, count))
