@@ -79,7 +79,7 @@ def main() -> None:
     write_manifest(rows, args.out / "manifest.csv")
     options = TrainOptions(arch="seed", input_size=180, epochs=30, batch_size=32, learning_rate=1e-3,
                            seed=args.seed, balance="none", augment=False, schedule="constant", keep_best=False,
-                           epoch_images=0)
+                           epoch_images=0, ema=False, label_smoothing=0.0)
     record = train(Audit(rows=rows, findings=[]), args.out, options)
     print(f"leaky validation accuracy (as the notebook measured it): {record['validation']['accuracy']:.3f}")
 

@@ -161,7 +161,8 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     run_dir = tmp_path / "run"
     runner = CliRunner()
     trained = runner.invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth", str(planted["truth"]),
-                                  "--out", str(run_dir), "--epochs", "2", "--input-size", "32", "--width", "4",
+                                  "--out", str(run_dir), "--epochs", "2", "--input-size", "32",
+                                  "--backbone", "dermnet", "--width", "4",
                                   "--batch-size", "16", "--epoch-images", "0", "--balance", "weights"],
                              catch_exceptions=False)  # every image each epoch, the loss weighted
     assert trained.exit_code == 0, trained.output
@@ -222,7 +223,8 @@ def test_training_repeats_and_a_seed_ensemble_averages_its_members(planted: dict
     def train(name: str, seed: int) -> Path:
         result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth",
                                           str(planted["truth"]), "--out", str(tmp_path / name), "--epochs", "2",
-                                          "--input-size", "32", "--width", "4", "--batch-size", "16",
+                                          "--input-size", "32",
+                                          "--backbone", "dermnet", "--width", "4", "--batch-size", "16",
                                           "--epoch-images", "64", "--seed", str(seed), "--split-seed", "5"],
                                     catch_exceptions=False)
         assert result.exit_code == 0, result.output
@@ -283,7 +285,8 @@ def test_logit_adjustment_is_folded_into_the_last_layer() -> None:
 def test_logit_adjustment_ema_colour_and_crop_modes_reach_the_card(planted: dict[str, Path], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth", str(planted["truth"]),
-                                      "--out", str(run_dir), "--epochs", "1", "--input-size", "32", "--width", "4",
+                                      "--out", str(run_dir), "--epochs", "1", "--input-size", "32",
+                                      "--backbone", "dermnet", "--width", "4",
                                       "--batch-size", "16", "--balance", "logit-adjust", "--colour", "shades-of-grey",
                                       "--crop", "lesion", "--ema", "--epoch-images", "40", "--seed", "3",
                                       "--split-seed", "0", "--colour-jitter", "strong"],
@@ -295,7 +298,8 @@ def test_logit_adjustment_ema_colour_and_crop_modes_reach_the_card(planted: dict
     # A drawn epoch is 40 // 16 = 2 steps, however many training images there are.
     import keras
 
-    assert int(keras.models.load_model(run_dir / "model.keras").optimizer.iterations) == 2
+    checkpoint = run_dir / "checkpoint" / "epoch-001.keras"
+    assert int(keras.models.load_model(checkpoint).optimizer.iterations) == 2
     exported = CliRunner().invoke(cli, ["export", str(run_dir), "--version", "t2"], catch_exceptions=False)
     assert exported.exit_code == 0, exported.output
     card = json.loads((run_dir / "export" / "dermwatch-float32.json").read_text())
@@ -454,8 +458,8 @@ def test_training_runs_on_jax_and_its_model_exports_with_tensorflow(planted: dic
     run_dir = tmp_path / "on-jax"
     trained = subprocess.run(
         [sys.executable, "-m", "dermwatch", "train", "--data", str(planted["root"]), "--ground-truth",
-         str(planted["truth"]), "--out", str(run_dir), "--epochs", "2", "--input-size", "32", "--width", "4",
-         "--batch-size", "16", "--epoch-images", "64"],
+         str(planted["truth"]), "--out", str(run_dir), "--epochs", "2", "--input-size", "32",
+         "--backbone", "dermnet", "--width", "4", "--batch-size", "16", "--epoch-images", "64"],
         env={**os.environ, "KERAS_BACKEND": "jax"}, capture_output=True, text=True, timeout=600,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
@@ -590,7 +594,8 @@ def test_class_and_source_balance_trains_and_validation_is_scored_per_root(
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--data", str(supplement),
                                       "--ground-truth", str(planted["truth"]), "--out", str(run_dir),
-                                      "--epochs", "1", "--input-size", "32", "--width", "4", "--batch-size", "16",
+                                      "--epochs", "1", "--input-size", "32",
+                                      "--backbone", "dermnet", "--width", "4", "--batch-size", "16",
                                       "--epoch-images", "64"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert json.loads((run_dir / "training.json").read_text())["options"]["balance"] == "class-and-source"

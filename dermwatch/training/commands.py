@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -9,7 +10,9 @@ import click
 from dermwatch.preprocess import COLOUR_MODES, CROP_MODES
 from dermwatch.training.audit import audit, write_manifest
 from dermwatch.training.metrics import figure
+from dermwatch.training.model_names import ARCHITECTURES
 from dermwatch.training.options import BALANCE_MODES, COLOUR_JITTER_NAMES, TrainOptions, split_seed_of
+from dermwatch.training.run_start import RunStart
 
 #: The default recipe: one definition, in TrainOptions.
 DEFAULTS = TrainOptions()
@@ -43,16 +46,25 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
 
 
 @click.command("train")
-@data_option
+@click.option("--data", "data_roots", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A data root: class folders, or Train/ and Test/ holding them. Repeat for several.")
 @ground_truth_option
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the manifest, the Keras model and training.json.")
-@click.option("--arch", type=click.Choice(["dermnet", "seed"]), default=DEFAULTS.arch, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the manifest, the Keras model, training.json and the per-epoch checkpoints.")
+@click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Continue a stopped run from its last checkpoint, with the data and options it was started "
+                   "with (give no other option).")
+@click.option("--backbone", "--arch", "arch", type=click.Choice(ARCHITECTURES), default=DEFAULTS.arch,
+              show_default=True, help="efficientnet-lite0 starts from ImageNet weights; dermnet is dermwatch's own "
+                                      "CNN, trained from scratch.")
 @click.option("--input-size", default=DEFAULTS.input_size, show_default=True, help="Side of the square model input.")
 @click.option("--width", default=DEFAULTS.width, show_default=True, help="Filters of the first stage (dermnet).")
 @click.option("--epochs", default=DEFAULTS.epochs, show_default=True)
 @click.option("--batch-size", default=DEFAULTS.batch_size, show_default=True)
 @click.option("--learning-rate", default=DEFAULTS.learning_rate, show_default=True)
+@click.option("--weight-decay", default=DEFAULTS.weight_decay, show_default=True, help="AdamW's decoupled decay.")
+@click.option("--label-smoothing", default=DEFAULTS.label_smoothing, show_default=True)
 @click.option("--balance", type=click.Choice(BALANCE_MODES), default=DEFAULTS.balance, show_default=True,
               help="Class imbalance: inverse-frequency class weights; the same with each --data root weighed equally "
                    "within a class; or log-prior logit adjustment after training.")
@@ -75,25 +87,38 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
 @click.option("--split-seed", type=int, default=None,
               help="Seed of the lesion-grouped split alone (default: --seed). Members of a seed ensemble share "
                    "one split, so each member's validation images are unseen by every member.")
-def train_command(data_roots: tuple[Path, ...], ground_truth: Path | None, out_dir: Path, arch: str,
-                  input_size: int, width: int, epochs: int, batch_size: int, learning_rate: float,
-                  balance: str, colour: str, colour_jitter: str, crop: str, epoch_images: int, ema: bool, seed: int,
-                  split_seed: int | None) -> None:
-    """Audit the data, split it by lesion, and train a network from scratch."""
+@click.option("--batch-workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Threads that make training batches on a backend other than TensorFlow (JAX on a GPU): "
+                   "more keep a GPU busy; the augmentation's random stream then varies run to run.")
+@click.pass_context
+def train_command(context: click.Context, data_roots: tuple[Path, ...], ground_truth: Path | None,
+                  out_dir: Path | None, resume_dir: Path | None, batch_workers: int, **recipe) -> None:
+    """Audit the data, split it by lesion, and train a network; or continue a stopped run."""
     from dermwatch.training.train import train
 
-    options = TrainOptions(arch=arch, input_size=input_size, width=width, epochs=epochs,
-                           batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                           balance=balance, colour=colour, colour_jitter=colour_jitter, crop=crop,
-                           epoch_images=epoch_images, ema=ema, split_seed=split_seed)
-    result = audit(list(data_roots), ground_truth, seed=seed if split_seed is None else split_seed)
+    if resume_dir is not None:
+        runtime_only = {"resume_dir", "batch_workers"}
+        given = [name for name in context.params
+                 if name not in runtime_only and context.get_parameter_source(name).name != "DEFAULT"]
+        if given:
+            raise click.UsageError(f"--resume takes the run's own data and options; drop {', '.join(given)}")
+        started = RunStart.read(resume_dir)
+        out_dir, options = resume_dir, started.options
+    else:
+        if not data_roots or out_dir is None:
+            raise click.UsageError("give --data (one or more) and --out, or --resume RUN")
+        options = TrainOptions(**recipe)
+        started = RunStart(list(data_roots), ground_truth, options)
+    result = audit(started.data_roots, started.ground_truth, seed=split_seed_of(asdict(options)))
     out_dir.mkdir(parents=True, exist_ok=True)
+    if resume_dir is None:
+        started.write(out_dir)
     write_manifest(result.rows, out_dir / "manifest.csv")
     (out_dir / "audit.txt").write_text("".join(f"- {f}\n" for f in result.findings))
-    record = train(result, out_dir, options)
+    record = train(result, out_dir, options, resume=resume_dir is not None, batch_workers=batch_workers)
     validation = record["validation"]
     click.echo(
-        f"best epoch {record['best_epoch']}/{epochs} in {record['wall_seconds']:.0f} s; validation: "
+        f"best epoch {record['best_epoch']}/{options.epochs} in {record['wall_seconds']:.0f} s; validation: "
         f"accuracy {validation['accuracy']:.3f}, balanced {validation['balanced_accuracy']:.3f}, "
         f"melanoma AUC {validation['melanoma_roc_auc']:.3f}; saved to {out_dir}"
     )

@@ -84,6 +84,8 @@ def ensemble_run(run_dirs: list[Path], out_dir: Path) -> dict:
         "validation": summarize(probabilities, val_labels, threshold),
         "history": [],
     }
+    if "initial_weights" in first:  # one recipe: every member started from the same weights
+        record["initial_weights"] = first["initial_weights"]
     (out_dir / "training.json").write_text(json.dumps(record, indent=2))
     log.info("ensemble of %d runs: temperature %.2f, melanoma threshold %.3f", len(run_dirs), temperature, threshold)
     return record

@@ -148,8 +148,9 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False,
     training |= {"temperature": temperature, "test_time_augmentation": "mean of 8 flips/turns" if tta else "none",
                  "threshold_rule": WORST_ROOT_RULE}
     training["validation_keras"] = record["validation"]
-    if "ensemble_members" in record:
-        training["ensemble_members"] = record["ensemble_members"]
+    for key in ("ensemble_members", "initial_weights"):
+        if key in record:
+            training[key] = record[key]
     paths = []
     for quantization, data in (("float32", None), ("int8", representative)):
         path = run_dir / "export" / f"dermwatch-{quantization}.tflite"

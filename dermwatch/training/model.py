@@ -1,6 +1,7 @@
-"""The networks: the notebook's seed recipe, and dermwatch's own from-scratch CNN.
+"""The networks: EfficientNet-Lite0 from ImageNet weights, dermwatch's own from-scratch CNN,
+and the notebook's seed recipe.
 
-Both take raw RGB pixel values (0-255, float) and return logits for the nine classes, so
+Each takes raw RGB pixel values (0-255, float) and return logits for the nine classes, so
 the service never needs to know how pixels are scaled: the model does it.
 """
 
@@ -10,12 +11,17 @@ import keras
 from keras import layers
 
 from dermwatch.labels import CLASS_NAMES
-
-ARCHITECTURES = ("dermnet", "seed")
+from dermwatch.training.model_names import ARCHITECTURES
 
 
 def build_model(arch: str, input_size: int, *, width: int = 32, dropout: float = 0.3) -> keras.Model:
-    """Return an uncompiled model ``arch`` for ``input_size`` x ``input_size`` RGB input."""
+    """Return an uncompiled model ``arch`` for ``input_size`` x ``input_size`` RGB input.
+
+    ``width`` and ``dropout`` shape dermnet; EfficientNet-Lite0 is built as published."""
+    if arch == "efficientnet-lite0":
+        from dermwatch.training.efficientnet_lite import build_efficientnet_lite0
+
+        return build_efficientnet_lite0(input_size, len(CLASS_NAMES))
     if arch == "seed":
         return _seed(input_size)
     if arch == "dermnet":

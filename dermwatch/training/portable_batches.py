@@ -52,8 +52,10 @@ class PortableBatches(keras.utils.PyDataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, *,
                  augment: bool = True, sample_weights: np.ndarray | None = None,
-                 draws: np.ndarray | None = None, colour_jitter: str = "mild") -> None:
-        super().__init__()  # one worker: batches in order
+                 draws: np.ndarray | None = None, colour_jitter: str = "mild", workers: int = 1) -> None:
+        # Several worker threads make batches at once (the GPU waits on augmentation, not the
+        # reverse); the geometric layers' random stream then depends on thread timing.
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=4 * workers)
         refuse_weights_with_draws(draws, sample_weights)
         self.images, self.labels, self.sample_weights = images, labels, sample_weights
         self.batch_size, self.seed, self.draws = batch_size, seed, draws

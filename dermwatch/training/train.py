@@ -16,6 +16,7 @@ from dermwatch.labels import CLASS_NAMES
 from dermwatch.preprocess import model_view
 from dermwatch.training.audit import Audit, ManifestRow
 from dermwatch.training.calibration import THRESHOLD_RULE, calibrate, softmax
+from dermwatch.training.checkpoint import EpochCheckpoint, Progress, load_best_weights, load_progress
 from dermwatch.training.data import (
     balance_weights,
     class_and_source_weights,
@@ -24,12 +25,18 @@ from dermwatch.training.data import (
     epoch_draws,
     load_arrays,
 )
+from dermwatch.training.efficientnet_lite import IMAGENET_WEIGHTS
+from dermwatch.training.ema import SwapEMAWeights
+from dermwatch.training.losses import SmoothedSparseCrossentropy
 from dermwatch.training.metrics import MELANOMA_INDEX, balanced_accuracy, roc_auc, summarize
 from dermwatch.training.model import build_model
 from dermwatch.training.options import TrainOptions
 from dermwatch.training.portable_batches import PortableBatches
 
 log = logging.getLogger(__name__)
+
+#: Where a run keeps its per-epoch checkpoints (checkpoint.py).
+CHECKPOINT_FOLDER = "checkpoint"
 
 
 def data_fingerprint(rows: list[ManifestRow]) -> str:
@@ -42,15 +49,24 @@ class KeepBestEpoch(keras.callbacks.Callback):
     """Score validation after every epoch; keep the weights of the best one.
 
     The score is balanced accuracy plus melanoma ROC AUC: the two things a clinic needs.
+    A resumed run hands in what the stopped part had scored (checkpoint.Progress).
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, logit_offset: np.ndarray | None = None) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, logit_offset: np.ndarray | None = None,
+                 progress: Progress | None = None, best_weights: list[np.ndarray] | None = None) -> None:
         super().__init__()
         self.images, self.labels = images, labels
         self.logit_offset = np.zeros(len(CLASS_NAMES), np.float32) if logit_offset is None else logit_offset
-        self.history: list[dict] = []
-        self.best_score, self.best_epoch, self.best_weights = -np.inf, -1, None
+        self.history: list[dict] = list(progress.history) if progress else []
+        self.best_score = progress.best_score if progress else -np.inf
+        self.best_epoch = progress.best_epoch if progress else -1
+        self.best_weights = best_weights
+        self.seconds_before = progress.seconds if progress else 0.0
         self.started = time.monotonic()
+
+    def seconds(self) -> float:
+        """Training time so far in this part of the run."""
+        return time.monotonic() - self.started
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logits = self.model.predict(self.images, batch_size=64, verbose=0) + self.logit_offset
@@ -62,7 +78,7 @@ class KeepBestEpoch(keras.callbacks.Callback):
             "val_accuracy": float((predicted == self.labels).mean()),
             "val_balanced_accuracy": balanced_accuracy(self.labels, predicted),
             "val_melanoma_auc": roc_auc(self.labels == MELANOMA_INDEX, softmax(logits)[:, MELANOMA_INDEX]),
-            "seconds": round(time.monotonic() - self.started, 1),
+            "seconds": round(self.seconds_before + self.seconds(), 1),
         }
         self.history.append(record)
         score = record["val_balanced_accuracy"] + record["val_melanoma_auc"]
@@ -92,20 +108,27 @@ def _seed_everything(seed: int) -> None:
 
 
 def _batches(images: np.ndarray, labels: np.ndarray, options: TrainOptions,
-             sample_weights: np.ndarray | None, draws: np.ndarray | None):
-    """tf.data on TensorFlow, which the shipped members were trained with; on any other
-    backend the NumPy pipeline, the same augmentation in kind."""
+             sample_weights: np.ndarray | None, draws: np.ndarray | None, workers: int):
+    """tf.data on TensorFlow, the CPU default; on any other backend the NumPy pipeline,
+    the same augmentation in kind."""
     if on_tensorflow():
         from dermwatch.training.tf_batches import training_batches
 
         return training_batches(images, labels, options.batch_size, options.seed, augment=options.augment,
                                 sample_weights=sample_weights, draws=draws, colour_jitter=options.colour_jitter)
     return PortableBatches(images, labels, options.batch_size, options.seed, augment=options.augment,
-                           sample_weights=sample_weights, draws=draws, colour_jitter=options.colour_jitter)
+                           sample_weights=sample_weights, draws=draws, colour_jitter=options.colour_jitter,
+                           workers=workers)
 
 
-def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
-    """Fit, keep the best epoch, calibrate, choose the melanoma threshold; save to ``out_dir``."""
+def train(audit: Audit, out_dir: Path, options: TrainOptions, *, resume: bool = False,
+          batch_workers: int = 1) -> dict:
+    """Fit, keep the best epoch, calibrate, choose the melanoma threshold; save to ``out_dir``.
+
+    After every epoch the run's state is saved under ``out_dir/checkpoint``; with ``resume``
+    training continues from the last epoch saved there. ``batch_workers`` threads make the
+    batches where the NumPy pipeline is used (any backend but TensorFlow).
+    """
     _seed_everything(options.seed)
     rows = audit.rows
     train_rows = [r for r in rows if r.split == "train"]
@@ -121,31 +144,43 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
     drawn = options.epoch_images > 0
     steps_per_epoch = max(options.epoch_images // options.batch_size, 1) if drawn \
         else int(np.ceil(len(x_train) / options.batch_size))
-    model = build_model(options.arch, options.input_size, width=options.width)
-    model.compile(
-        optimizer=_optimizer(options, steps=options.epochs * steps_per_epoch),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    checkpoints = out_dir / CHECKPOINT_FOLDER
+    progress = load_progress(checkpoints) if resume else None
+    if resume and progress is None:
+        log.info("no finished epoch in %s: starting from the first", checkpoints)
+    if progress:
+        model = keras.models.load_model(checkpoints / progress.model_file)
+        log.info("resuming after epoch %d of %d", progress.epochs_done, options.epochs)
+    else:
+        model = build_model(options.arch, options.input_size, width=options.width)
+        model.compile(optimizer=_optimizer(options, steps_per_epoch), loss=_loss(options), metrics=["accuracy"])
+    first_epoch = progress.epochs_done if progress else 0
     logit_offset = -np.log(class_priors(y_train)) if options.balance == "logit-adjust" else None
-    keeper = KeepBestEpoch(x_val.astype(np.float32), y_val, logit_offset)
-    # With EMA, the averaged weights are swapped in before the keeper scores each epoch.
-    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), keeper] if _uses_ema(options) else [keeper]
+    keeper = KeepBestEpoch(x_val.astype(np.float32), y_val, logit_offset, progress,
+                           load_best_weights(checkpoints) if progress else None)
+    callbacks = [keeper, EpochCheckpoint(checkpoints, keeper, keeper.seconds_before)]
+    if _uses_ema(options):
+        # The averaged weights are swapped in before the keeper scores each epoch. A checkpoint
+        # is written with them in the model, so a resumed run starts swapped.
+        callbacks.insert(0, SwapEMAWeights(average_in_model=progress is not None))
     roots = [r.root for r in train_rows]
     draws = epoch_draws(balance_weights(y_train, roots, options.balance), options.epochs,
                         steps_per_epoch * options.batch_size, options.seed) if drawn else None
     sample_weights = class_and_source_weights(y_train, roots) \
         if options.balance == "class-and-source" and not drawn else None
-    started = time.monotonic()
-    model.fit(
-        _batches(x_train, y_train, options, sample_weights, draws),
-        epochs=options.epochs,
-        steps_per_epoch=steps_per_epoch if drawn else None,
-        class_weight=class_weights(y_train) if options.balance == "weights" and not drawn else None,
-        callbacks=callbacks,
-        verbose=0,
-    )
-    wall_seconds = time.monotonic() - started
+    if first_epoch < options.epochs:
+        model.fit(
+            _batches(x_train, y_train, options, sample_weights, None if draws is None else draws[first_epoch:],
+                     batch_workers),
+            initial_epoch=first_epoch,
+            epochs=options.epochs,
+            steps_per_epoch=steps_per_epoch if drawn else None,
+            class_weight=class_weights(y_train) if options.balance == "weights" and not drawn else None,
+            callbacks=callbacks,
+            verbose=0,
+        )
+    wall_seconds = keeper.seconds_before + keeper.seconds()
+    model = _without_optimizer(model)
     if options.keep_best:
         model.set_weights(keeper.best_weights)
     kept_epoch = keeper.best_epoch if options.keep_best else options.epochs
@@ -166,18 +201,29 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions) -> dict:
         "val_images": len(val_rows),
         "best_epoch": kept_epoch,
         "wall_seconds": round(wall_seconds, 1),
+        "resumed_after_epoch": first_epoch or None,
         "temperature": temperature,
         "melanoma_threshold": threshold,
         "threshold_rule": THRESHOLD_RULE,
         "validation": summarize(val_probabilities, y_val, threshold),
         "history": keeper.history,
     }
+    if options.arch == "efficientnet-lite0":
+        record["initial_weights"] = asdict(IMAGENET_WEIGHTS)
     (out_dir / "training.json").write_text(json.dumps(record, indent=2))
     log.info(
         "kept epoch %d of %d; temperature %.2f; melanoma threshold %.3f; %.0f s",
         kept_epoch, options.epochs, temperature, threshold, wall_seconds,
     )
     return record
+
+
+def _without_optimizer(model: keras.Model) -> keras.Model:
+    """The same network and weights, uncompiled: the run's model.keras need not carry the
+    optimizer's moments (three times the weights), which only a checkpoint needs."""
+    bare = type(model).from_config(model.get_config())  # clone_model would copy the compiled optimizer
+    bare.set_weights(model.get_weights())
+    return bare
 
 
 def add_to_logit_bias(model: keras.Model, offset: np.ndarray) -> None:
@@ -187,15 +233,22 @@ def add_to_logit_bias(model: keras.Model, offset: np.ndarray) -> None:
     layer.set_weights([kernel, bias + offset.astype(bias.dtype)])
 
 
-def _optimizer(options: TrainOptions, steps: int) -> keras.optimizers.Optimizer:
+def _optimizer(options: TrainOptions, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     if options.schedule == "constant":
         return keras.optimizers.Adam(options.learning_rate)
+    steps = options.epochs * steps_per_epoch
+    warmup = min(max(int(options.warmup_epochs * steps_per_epoch), 1), steps - 1)
     schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, steps, warmup_target=options.learning_rate, warmup_steps=max(steps // 20, 1)
+        0.0, steps - warmup, warmup_target=options.learning_rate, warmup_steps=warmup
     )
-    return keras.optimizers.AdamW(
-        schedule, weight_decay=options.weight_decay, use_ema=_uses_ema(options), ema_momentum=0.995
-    )
+    return keras.optimizers.AdamW(schedule, weight_decay=options.weight_decay, use_ema=_uses_ema(options),
+                                  ema_momentum=options.ema_momentum)
+
+
+def _loss(options: TrainOptions) -> keras.losses.Loss:
+    if options.label_smoothing:
+        return SmoothedSparseCrossentropy(options.label_smoothing)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def _uses_ema(options: TrainOptions) -> bool:
