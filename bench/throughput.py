@@ -1,15 +1,17 @@
 """How fast dermwatch classifies full-size photos, against what the hardware allows.
 
 Makes full-size JPEGs (1024x768) by upscaling data-set images, then measures on those files:
-  1. the bound: CORES / (decode + one-thread inference), each timed alone on every file
-     (the pipeline's own read_model_input, and the model through a one-thread LiteRT
-     interpreter, one image per call). Measured before and after the service, as the
-     machine's speed drifts; the ratio is to their mean;
+  1. the floor: CORES bare processes, each with a one-thread LiteRT interpreter, that take
+     the files of one folder and for each claim it (one rename), read it, hash it (sha256),
+     decode it (the pipeline's read_model_input, draft mode) and classify it, and archive it
+     (one rename): the per-file work no service can skip, with nothing else. Measured before
+     and after the service, as the machine's speed drifts; the service's ratio is to their mean;
   2. `dermwatch run` on SQLite: all files land in the intake folder at once (renamed in
      from a staging folder on the same file system); images/s from the first landing to the
-     last commit, the ratio to the bound, and resident memory at READY and at its peak
-     (VmHWM). With --runs N, N times, each between its own two bound measurements, and the
-     median ratio;
+     last commit, the ratio to the floor, and resident memory at READY and at its peak
+     (VmHWM). With --runs N, N times, each between its own two floor measurements, and the
+     median ratio. The bound, CORES / (decode + one-thread inference, each timed alone),
+     is printed beside it;
   3. `dermwatch process` on the same files;
   4. with --postgres: two `dermwatch run` workers on one config sharing a throwaway
      PostgreSQL server (started as in the tests), the same burst.
@@ -20,7 +22,9 @@ Makes full-size JPEGs (1024x768) by upscaling data-set images, then measures on 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import multiprocessing
+import multiprocessing.synchronize
 import os
 import random
 import shutil
@@ -33,6 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from sqlalchemy import create_engine, text
 
@@ -78,21 +83,45 @@ def measure_bound(photos: list[Path], model: Path, cores: int) -> tuple[float, f
     return decode, inference, cores / (decode + inference)
 
 
-def _decode_and_classify(model: Path, photos: list[Path]) -> float:
-    """Seconds for one process to decode and classify ``photos`` (after a warm-up)."""
+def _floor_lane(model: Path, folder: Path, ready: multiprocessing.synchronize.Barrier) -> None:
+    """One bare lane of the floor: claim, read, hash, decode, classify, archive, until no file is left."""
     classifier = load_classifier(model, threads=1)
-    data = [path.read_bytes() for path in photos]
-    def step(d: bytes) -> object:
-        return classifier.predict(read_model_input(d, classifier.input_size, max_pixels=MAX_PIXELS)[1][None])
-    return per_image_seconds(step, data) * len(data)
+    size = classifier.input_size
+    classifier.predict(np.zeros((1, size, size, 3), np.uint8))  # warm up before the clock starts
+    intake, work, archive = folder / "intake", folder / "work", folder / "archive"
+    ready.wait()
+    for name in sorted(os.listdir(intake)):
+        claimed = work / name
+        try:
+            os.rename(intake / name, claimed)
+        except FileNotFoundError:
+            continue  # the other lane claimed it first
+        data = claimed.read_bytes()
+        hashlib.sha256(data).hexdigest()
+        classifier.predict(read_model_input(data, size, max_pixels=MAX_PIXELS)[1][None])
+        os.rename(claimed, archive / name)
 
 
-def measure_together(photos: list[Path], model: Path, cores: int) -> float:
-    """images/s of ``cores`` processes decoding and classifying at once: what the cores give
-    in parallel (shared caches, memory, the host), with no service and no GIL in the way."""
-    with multiprocessing.get_context("spawn").Pool(cores) as pool:
-        seconds = pool.starmap(_decode_and_classify, [(model, photos)] * cores)
-    return cores * len(photos) / max(seconds)
+def measure_floor(photos: list[Path], folder: Path, model: Path, cores: int) -> float:
+    """images/s of ``cores`` bare processes doing the per-file work on every photo, from the
+    moment all of them are ready until the last file is archived."""
+    shutil.copytree(photos[0].parent, folder / "intake")
+    (folder / "work").mkdir()
+    (folder / "archive").mkdir()
+    context = multiprocessing.get_context("spawn")
+    ready = context.Barrier(cores + 1)
+    lanes = [context.Process(target=_floor_lane, args=(model, folder, ready)) for _ in range(cores)]
+    for lane in lanes:
+        lane.start()
+    ready.wait()
+    started = time.perf_counter()
+    for lane in lanes:
+        lane.join()
+    elapsed = time.perf_counter() - started
+    archived = len(os.listdir(folder / "archive"))
+    if archived != len(photos) or any(lane.exitcode for lane in lanes):
+        raise RuntimeError(f"the floor archived {archived} of {len(photos)} photos")
+    return archived / elapsed
 
 
 def write_config(folder: Path, model: Path, database_url: str | None = None) -> Path:
@@ -200,10 +229,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="a folder of data-set JPEGs (searched recursively)")
     parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
     parser.add_argument("--count", type=int, default=400)
-    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="cores in the bound (default: all)")
+    parser.add_argument("--cores", type=int, default=os.cpu_count(),
+                        help="processes in the floor, cores in the bound (default: all)")
     parser.add_argument("--runs", type=int, default=1,
-                        help="service runs, each between two measurements of the bound: on shared cores the "
-                             "bound moves by a quarter from one minute to the next, so read the median")
+                        help="service runs, each between two measurements of the floor: on shared cores the "
+                             "speed moves by a quarter from one minute to the next, so read the median")
     parser.add_argument("--postgres", action="store_true",
                         help="also run two workers on a throwaway PostgreSQL server (needs Debian's postgresql)")
     args = parser.parse_args()
@@ -215,25 +245,22 @@ def main() -> None:
         print(f"{len(photos)} JPEGs of {FULL_SIZE[0]}x{FULL_SIZE[1]}, model {model.name}, {args.cores} cores")
         ratios = []
         for index in range(args.runs):
-            decode, inference, before = measure_bound(photos, model, args.cores)
+            floor_before = measure_floor(photos, root / f"floor-{index}-before", model, args.cores)
             rate, ready, peak, codes, cpu = service_run(photos, root / f"service-{index}", model)
-            decode_after, inference_after, after = measure_bound(photos, model, args.cores)
-            bound = (before + after) / 2
-            ratios.append(rate / bound)
-            print(f"run {index + 1}: bound {args.cores} / (decode {decode * 1e3:.2f} ms + one-thread inference "
-                  f"{inference * 1e3:.2f} ms) = {before:.1f} images/s before the service, {after:.1f} after "
-                  f"(decode {decode_after * 1e3:.2f} ms, inference {inference_after * 1e3:.2f} ms); mean {bound:.1f}")
-            print(f"  dermwatch run (SQLite): {rate:.1f} images/s = {rate / bound:.2f}x the bound; resident memory "
+            floor_after = measure_floor(photos, root / f"floor-{index}-after", model, args.cores)
+            floor = (floor_before + floor_after) / 2
+            decode, inference, bound = measure_bound(photos, model, args.cores)
+            ratios.append(rate / floor)
+            print(f"run {index + 1}: floor ({args.cores} bare processes) {floor_before:.1f} images/s before the "
+                  f"service, {floor_after:.1f} after; mean {floor:.1f}")
+            print(f"  dermwatch run (SQLite): {rate:.1f} images/s = {rate / floor:.2f}x the floor; resident memory "
                   f"{mib(ready)} at READY, peak {mib(peak)}; exit code {codes[0]} on SIGTERM")
-            work = args.cores / bound  # decode + inference, the mean of both measurements
-            print(f"  its CPU: {cpu * 1e3:.2f} ms per image, against {work * 1e3:.2f} ms of decode and inference; "
-                  f"the cores were busy {cpu * rate / args.cores:.0%} of the burst")
+            print(f"  bound {args.cores} / (decode {decode * 1e3:.2f} ms + one-thread inference "
+                  f"{inference * 1e3:.2f} ms) = {bound:.1f} images/s: the floor is {floor / bound:.2f}x it, the "
+                  f"service {rate / bound:.2f}x; the service's CPU {cpu * 1e3:.2f} ms per image")
         if args.runs > 1:
-            print(f"dermwatch run over {args.runs} runs: median {statistics.median(ratios):.2f}x the bound "
+            print(f"dermwatch run over {args.runs} runs: median {statistics.median(ratios):.2f}x the floor "
                   f"(lowest {min(ratios):.2f}x, highest {max(ratios):.2f}x)")
-        together = measure_together(photos, model, args.cores)
-        print(f"{args.cores} processes decoding and classifying at once, no service: {together:.1f} images/s = "
-              f"{together / bound:.2f}x the last run's bound; that run's service is {rate / together:.2f}x that")
         print(f"dermwatch process: {process_run(photos, root / 'process', model):.1f} images/s (with start-up)")
         if args.postgres:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -12,6 +12,7 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -179,7 +180,10 @@ def place(source: Path, target_dir: Path, name: str, umask: int) -> Path:
     """Move a finished file into ``target_dir`` as ``name``, never overwriting another.
 
     The file keeps no permission the service's umask would not give a new file: an image
-    dropped world-readable does not stay world-readable in the archive.
+    dropped world-readable does not stay world-readable in the archive. A file the service
+    does not own (staff dropped it as themselves) cannot be chmod-ed: it is copied into a
+    file the service owns instead. A link is moved as a link and never chmod-ed, since that
+    would change what it points to.
     """
     _guard_disk(lambda: target_dir.mkdir(parents=True, exist_ok=True))
     final = target_dir / name
@@ -195,10 +199,34 @@ def place(source: Path, target_dir: Path, name: str, umask: int) -> Path:
             raise
         shutil.copy2(source, final, follow_symlinks=False)  # a sidecar straight from an intake share
         source.unlink()
-    mode = final.lstat().st_mode & 0o7777
-    if mode & umask:
-        os.chmod(final, mode & ~umask)
+    status = final.lstat()
+    mode = status.st_mode & 0o7777
+    if stat.S_ISREG(status.st_mode) and mode & umask:
+        try:
+            os.chmod(final, mode & ~umask)
+        except PermissionError:
+            _own_copy(final, mode & ~umask)
     return final
+
+
+def _own_copy(path: Path, mode: int) -> None:
+    """Replace ``path`` by a copy the service owns with ``mode`` (fsynced before the swap)."""
+    partial = path.with_name(f".{path.name}{PARTIAL}")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(descriptor, "wb") as copy, open(path, "rb", opener=_no_follow) as original:
+            shutil.copyfileobj(original, copy)
+            copy.flush()
+            os.fchmod(copy.fileno(), mode)  # the umask may have taken more than asked
+            os.fsync(copy.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
 
 
 def archive_name(sha256: str, original_name: str) -> str:
