@@ -200,6 +200,20 @@ def test_exif_rotation_reaches_the_model_upright() -> None:
     assert upright[:50].mean() > 200 and upright[70:].mean() < 50
 
 
+def test_a_fifo_is_quarantined_without_blocking(processor: Processor, settings: Settings) -> None:
+    """A plain open() of a FIFO waits for a writer forever; intake must move on with a reason."""
+    import os
+
+    from dermwatch.watcher.settle import looks_whole
+
+    fifo = settings.paths.intake / "fifo.jpg"
+    os.mkfifo(fifo)
+    assert looks_whole(fifo)  # judged by the pipeline, never opened blocking
+    outcome = run_one(processor, fifo)
+    assert outcome.status == "rejected" and "not a regular file (a FIFO)" in outcome.detail
+    assert not fifo.exists() and totals(settings)["predictions"] == 0
+
+
 def test_symlink_is_refused_and_its_target_untouched(processor: Processor, settings: Settings, tmp_path: Path) -> None:
     target = write_jpeg(tmp_path / "elsewhere" / "private.jpg", seed=9)
     link = settings.paths.intake / "link.jpg"

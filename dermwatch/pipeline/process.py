@@ -45,6 +45,7 @@ from dermwatch.pipeline.classifier import Classifier
 from dermwatch.pipeline.decode import read_model_input
 from dermwatch.pipeline.lanes import Lanes, open_lanes
 from dermwatch.pipeline.names import display_name, fitted_name, name_bytes
+from dermwatch.pipeline.regular_file import open_regular
 from dermwatch.pipeline.sidecar import read_sidecar
 from dermwatch.pipeline.workers import Membership, cooperative
 from dermwatch.store.db import ensure_schema, make_engine, session_scope
@@ -166,12 +167,8 @@ class Processor:
         return arrival
 
     def _read(self, arrival: _Arrival) -> bytes:
-        path = arrival.item.work_path
-        if path.is_symlink():
-            raise RejectedImage("symbolic links are refused: copy the image itself into the intake folder")
-        if not path.is_file():
-            raise RejectedImage("not a regular file")
-        data = path.read_bytes()
+        with open_regular(arrival.item.work_path) as handle:
+            data = handle.read()
         arrival.size = len(data)
         arrival.sha256 = hashlib.sha256(data).hexdigest()
         if not data:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from dermwatch.errors import RejectedImage
+from dermwatch.pipeline.regular_file import open_regular
 
 #: Keys a sidecar may hold; each value is a string. A misspelt key is an error, not a
 #: silent loss of the patient reference.
@@ -21,8 +22,10 @@ def read_sidecar(path: Path | None, name: str) -> dict[str, str] | None:
     if path is None:
         return None
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             raw = handle.read(MAX_SIDECAR_BYTES + 1)
+    except RejectedImage as error:
+        raise RejectedImage(f"sidecar {name}: {error}") from None
     except OSError as error:
         raise RejectedImage(f"cannot read sidecar {name}: {error.strerror}") from None
     if len(raw) > MAX_SIDECAR_BYTES:

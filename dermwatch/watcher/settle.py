@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dermwatch.errors import RejectedImage
+from dermwatch.pipeline.regular_file import open_regular
+
 
 @dataclass
 class _Candidate:
@@ -136,17 +139,18 @@ def looks_whole(path: Path) -> bool:
     """False for a JPEG or PNG whose last bytes are not its format's end marker: still being written.
 
     Cheap (a few bytes at each end). Anything else, or a file that cannot be read, is left
-    to the decoder to judge.
+    to the decoder to judge; so is a link, a FIFO or a device, which is never opened
+    blocking or followed here.
     """
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             start = handle.read(8)
             handle.seek(0, os.SEEK_END)
             if handle.tell() < 16:
                 return True
             handle.seek(-8, os.SEEK_END)
             end = handle.read(8)
-    except OSError:
+    except (OSError, RejectedImage):
         return True
     if start.startswith(_JPEG_START):
         return end.endswith(_JPEG_END)
