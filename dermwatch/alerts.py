@@ -28,6 +28,7 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from dermwatch.config import AlertSettings
+from dermwatch.safe_text import shown
 from dermwatch.store.models import Alert, utc_now
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ def _facts(alert: Alert, settings: AlertSettings, zone) -> dict[str, str]:
         facts["PATIENT_REFERENCE"] = sidecar.get("patient_reference", "")
         facts["LESION_REFERENCE"] = sidecar.get("lesion_reference", "")
         facts["BODY_SITE"] = sidecar.get("body_site", "")
-    return facts
+    # Into a command's environment and an e-mail: no NUL, no lone surrogate, no line break.
+    return {key: shown(value) for key, value in facts.items()}
 
 
 def _arrival_sidecar(prediction) -> dict[str, str] | None:

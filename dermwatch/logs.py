@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 
+from dermwatch.safe_text import shown
+
 #: syslog priorities journald understands.
 _PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
@@ -21,8 +23,18 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
 
 
+class OneLine(logging.Filter):
+    """A message is one line: a file name with a newline in it cannot forge another log line.
+    (A traceback, which comes from the code and not from a file, keeps its lines.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = shown(record.getMessage()), ()
+        return True
+
+
 def setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(OneLine())
     if stderr_is_journal():
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))  # journald adds time and level
     else:

@@ -359,6 +359,31 @@ def test_flagged_image_alert_reaches_a_real_smtp_server(config_file: Path, inclu
     assert ("P-7" in body) is include_reference
 
 
+def test_a_nul_or_lone_surrogate_in_a_reference_is_alerted_escaped(config_file: Path, tmp_path: Path) -> None:
+    """A NUL cannot go into a command's environment: it is escaped, and the image is alerted."""
+    from dermwatch.alerts import send_pending
+
+    script = tmp_path / "alert.sh"
+    script.write_text('#!/bin/sh\nprintf %s "$DERMWATCH_PATIENT_REFERENCE" > "$0.out"\n')
+    script.chmod(0o700)
+    config_file.write_text(config_file.read_text() + f"""
+[alerts]
+command = "{script}"
+include_reference = true
+""")
+    settings = load_settings(config_file)
+    from dermwatch.pipeline.process import open_processor
+
+    processor = open_processor(settings)
+    object.__setattr__(processor.card, "melanoma_threshold", 1e-6)
+    image = write_jpeg(settings.paths.intake / "shoulder.jpg", seed=78)
+    (settings.paths.intake / "shoulder.json").write_text('{"patient_reference": "P\\u0000X\\udc80"}')
+    processor.process([processor.claim(image)])
+    engine = make_engine(settings.database_url)
+    assert send_pending(engine, settings.alerts, "Praxis Nord", settings.reports.timezone) == 1
+    assert (tmp_path / "alert.sh.out").read_text() == "P\\x00X\\udc80"
+
+
 def test_a_digest_sends_one_mail_and_one_command_run_for_a_burst(tmp_path: Path, flag_everything_model: Path) -> None:
     from dermwatch.alerts import send_pending
 
@@ -532,6 +557,22 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(berlin_config: P
     assert json.loads(rendered.json.read_text())["rows"][0]["patient_reference"] == formulas["patient_reference"]
 
 
+def test_a_lone_surrogate_or_nul_in_a_sidecar_never_stops_the_report(berlin_config: Path) -> None:
+    """Stored as given; escaped where it leaves: the page, the CSV and the JSON are written."""
+    settings = load_settings(berlin_config)
+    engine = make_engine(settings.database_url)
+    ensure_schema(engine)
+    odd = {"patient_reference": "P\udc80", "lesion_reference": "L\x00X", "notes": " \n=1+1"}
+    add_image(settings, engine, "odd.jpg", seed=8, melanoma=0.9, top="melanoma",
+              received_local=datetime.combine(DAY, time(9), BERLIN), sidecar=odd)
+    rendered = Reporter(settings, engine, None).render(DAY)
+    page = rendered.html.read_text()
+    assert "P\\udc80" in page and "L\\x00X" in page
+    (row,) = list(csv.DictReader(rendered.csv.open(newline="")))
+    assert row["patient_reference"] == "P\\udc80" and row["notes"] == "' \n=1+1"  # a formula after a line break
+    assert json.loads(rendered.json.read_text())["rows"][0]["patient_reference"] == "P\udc80"
+
+
 def test_one_image_for_two_patients_shows_both_in_every_format(berlin_config: Path) -> None:
     settings = load_settings(berlin_config)
     engine = make_engine(settings.database_url)
@@ -608,3 +649,21 @@ def test_the_service_heatmaps_keep_to_the_configured_share(tmp_path: Path, tiny_
         assert pictures.heatmap(str(photo), f"sha-{photo.stem}", classifier.card.sha256) is not None
     cpu, wall = clock.thread_time() - cpu, clock.monotonic() - wall
     assert wall >= cpu / 0.2 * 0.9
+
+
+def test_a_newline_in_a_name_cannot_forge_a_log_line() -> None:
+    import io
+    import logging
+
+    from dermwatch.logs import OneLine
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(OneLine())
+    logger = logging.getLogger("dermwatch.test-one-line")
+    logger.addHandler(handler)
+    try:
+        logger.warning("rejected %s", "x.jpg\nINFO dermwatch: all is well\udc80")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == "rejected x.jpg\\x0aINFO dermwatch: all is well\\udc80\n"

@@ -26,6 +26,7 @@ from dermwatch.reports.atomic import write_atomically
 from dermwatch.reports.budget import CpuBudget
 from dermwatch.reports.day import ArrivalRow, Day, ImageRow, load_day
 from dermwatch.reports.pictures import LIST_THUMBNAIL_SIDE, Pictures
+from dermwatch.safe_text import shown
 from dermwatch.threshold import AlertThreshold, threshold_for
 
 CSV_FIELDS = [
@@ -34,11 +35,17 @@ CSV_FIELDS = [
     "reason",
 ]
 
+def _shown_in_page(value: object) -> object:
+    """Every plain string a template prints, escaped so that the page can always be encoded."""
+    return shown(value, keep_lines=True) if type(value) is str else value
+
+
 _environment = Environment(
     loader=PackageLoader("dermwatch", "templates"),
     autoescape=select_autoescape(default=True, default_for_string=True),
     trim_blocks=True,
     lstrip_blocks=True,
+    finalize=_shown_in_page,
 )
 _environment.filters["display"] = display_name
 
@@ -165,8 +172,12 @@ def _csv(rows: list[dict]) -> str:
 
 
 def neutralised(value):
-    """Text that a spreadsheet would run as a formula, made plain text by a leading apostrophe."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+    """Text as a CSV cell can carry it (shown), and text that a spreadsheet would run as a formula,
+    also after leading spaces or line breaks, made plain text by a leading apostrophe."""
+    if not isinstance(value, str):
+        return value
+    value = shown(value, keep_lines=True)
+    if value.startswith(FORMULA_STARTS) or value.lstrip(" \t\r\n").startswith(FORMULA_STARTS):
         return "'" + value
     return value
 
