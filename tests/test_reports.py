@@ -667,3 +667,17 @@ def test_a_newline_in_a_name_cannot_forge_a_log_line() -> None:
     finally:
         logger.removeHandler(handler)
     assert stream.getvalue() == "rejected x.jpg\\x0aINFO dermwatch: all is well\\udc80\n"
+
+
+def test_a_name_with_hash_or_percent_links_to_its_own_file(berlin_config: Path) -> None:
+    from urllib.parse import unquote
+
+    settings = load_settings(berlin_config)
+    engine = make_engine(settings.database_url)
+    ensure_schema(engine)
+    add_image(settings, engine, "mole #2 100%.jpg", seed=9, melanoma=0.9, top="melanoma",
+              received_local=datetime.combine(DAY, time(9), BERLIN))
+    rendered = Reporter(settings, engine, None).render(DAY)
+    links = re.findall(r'href="([^"]+\.jpg)"', rendered.html.read_text())
+    assert links and all("#" not in link and "%25" in link for link in links)
+    assert all((rendered.html.parent / unquote(link)).is_file() for link in links)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -93,8 +94,9 @@ def render_day(engine: Engine, day: date, *, reports_dir: Path, site_name: str, 
 
 
 def _relative_link(archive_path: str, reports_dir: Path) -> str:
-    """A link to the archived original that works when the reports folder is opened as files."""
-    return Path(os.path.relpath(archive_path, reports_dir.resolve())).as_posix()
+    """A link to the archived original that works when the reports folder is opened as files:
+    relative, and URL-encoded, so a name with '#', '%' or '?' still links to its file."""
+    return urllib.parse.quote(Path(os.path.relpath(archive_path, reports_dir.resolve())).as_posix())
 
 
 def render_index(reports_dir: Path, site_name: str) -> Path:
