@@ -7,6 +7,11 @@ the alert, which is logged and retried every ``retry_minutes``.
 Each alert is claimed by one atomic UPDATE before it is sent, so the service and a
 `dermwatch process` beside it (or, later, several workers) never send one alert twice.
 
+Delivery is at least once. A process killed after the mail or command went out but before
+``sent_at`` was committed sends again once its claim lapses. Every alert therefore carries
+a stable id (``DERMWATCH_ALERT_ID``; in the e-mail's Message-ID and body) so a receiver can
+drop a repeat, and a resend after such a crash says it may be one.
+
 With ``digest_minutes`` > 0, alerts wait until the oldest one owed on a channel is that old,
 and then go out together: one e-mail, or one command run, listing every image flagged in
 the window. A drop of forty files then makes one message, not forty.
@@ -14,6 +19,7 @@ the window. A drop of forty files then makes one message, not forty.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -144,6 +150,10 @@ def _facts(alert: Alert, settings: AlertSettings, zone) -> dict[str, str]:
     prediction = alert.prediction
     image = prediction.image
     facts = {
+        "ALERT_ID": str(alert.id),
+        # Claimed before (attempts counts claims), and no error came back: the last try may
+        # have been delivered before its process died.
+        "MAY_BE_REPEAT": "yes" if alert.attempts > 1 and alert.last_error is None else "no",
         "IMAGE_ID": str(image.id),
         "MELANOMA_SCORE": f"{prediction.melanoma_score:.4f}",
         "THRESHOLD": f"{prediction.threshold:.4f}",
@@ -171,11 +181,15 @@ def _send_digest_mail(images: list[dict[str, str]], settings: AlertSettings, sit
     message = EmailMessage()
     count = f"{len(images)} image{'s' if len(images) != 1 else ''}"
     window = f"{settings.digest_minutes:g} min"
-    message["Subject"] = f"[{site_name}] suspected melanoma: {count} flagged in the last {window}"
-    lines = [f"dermwatch at {site_name} flagged {count} as possible melanoma:", ""]
+    repeat = any(facts["MAY_BE_REPEAT"] == "yes" for facts in images)
+    message["Subject"] = (f"[{site_name}] {'(may repeat) ' if repeat else ''}suspected melanoma: {count} flagged "
+                          f"in the last {window}")
+    message["Message-ID"] = _message_id("digest-" + "-".join(facts["ALERT_ID"] for facts in images), settings)
+    lines = [f"dermwatch at {site_name} flagged {count} as possible melanoma:", *([REPEAT_NOTE] if repeat else []),
+             ""]
     for facts in images:
         lines.append(f"- {facts['FILE_NAME']}: P(melanoma) {facts['MELANOMA_SCORE']} "
-                     f"(threshold {facts['THRESHOLD']}), received {facts['RECEIVED_AT']}")
+                     f"(threshold {facts['THRESHOLD']}), received {facts['RECEIVED_AT']}, alert {facts['ALERT_ID']}")
         references = [facts.get(key) for key in ("PATIENT_REFERENCE", "LESION_REFERENCE", "BODY_SITE")]
         if any(references):
             lines.append("  " + " / ".join(filter(None, references)))
@@ -187,10 +201,15 @@ def _send_digest_mail(images: list[dict[str, str]], settings: AlertSettings, sit
 
 def _send_mail(facts: dict[str, str], settings: AlertSettings, site_name: str) -> None:
     message = EmailMessage()
-    message["Subject"] = f"[{site_name}] suspected melanoma: P={facts['MELANOMA_SCORE']} in {facts['FILE_NAME']}"
+    repeat = facts["MAY_BE_REPEAT"] == "yes"
+    message["Subject"] = (f"[{site_name}] {'(may repeat) ' if repeat else ''}suspected melanoma: "
+                          f"P={facts['MELANOMA_SCORE']} in {facts['FILE_NAME']}")
+    message["Message-ID"] = _message_id(f"alert-{facts['ALERT_ID']}", settings)
     lines = [
         f"dermwatch at {site_name} flagged an image as possible melanoma.",
+        *([REPEAT_NOTE] if repeat else []),
         "",
+        f"Alert id:      {facts['ALERT_ID']}",
         f"File:          {facts['FILE_NAME']}",
         f"P(melanoma):   {facts['MELANOMA_SCORE']} (alert threshold {facts['THRESHOLD']})",
         f"Received:      {facts['RECEIVED_AT']}",
@@ -204,6 +223,18 @@ def _send_mail(facts: dict[str, str], settings: AlertSettings, site_name: str) -
     lines += ["", "Decision support, not a diagnosis: please review the image."]
     message.set_content("\n".join(lines) + "\n")
     _deliver(message, settings)
+
+
+REPEAT_NOTE = ("This may repeat an alert already sent: the service stopped before it could record the "
+               "sending. Same alert id, same alert.")
+
+
+def _message_id(key: str, settings: AlertSettings) -> str:
+    """The same Message-ID every time this alert (or digest) is sent: a receiver can drop repeats."""
+    domain = settings.mail_from.rpartition("@")[2] or "dermwatch.invalid"
+    if len(key) > 64:  # a long digest: the ids' digest keeps the header short and still stable
+        key = "digest-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    return f"<dermwatch-{key}@{domain}>"
 
 
 def _deliver(message: EmailMessage, settings: AlertSettings) -> None:
@@ -231,7 +262,9 @@ def _run_digest_command(images: list[dict[str, str]], settings: AlertSettings) -
     """One run for the whole digest: the count and file names in the environment, every
     image's facts as a JSON list on standard input."""
     names = "\n".join(facts["FILE_NAME"] for facts in images)
-    _run(settings, {"DERMWATCH_DIGEST_COUNT": str(len(images)), "DERMWATCH_FILE_NAMES": names},
+    _run(settings, {"DERMWATCH_DIGEST_COUNT": str(len(images)), "DERMWATCH_FILE_NAMES": names,
+                    "DERMWATCH_ALERT_IDS": ",".join(facts["ALERT_ID"] for facts in images),
+                    "DERMWATCH_MAY_BE_REPEAT": "yes" if any(f["MAY_BE_REPEAT"] == "yes" for f in images) else "no"},
          stdin=json.dumps(images))
 
 

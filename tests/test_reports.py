@@ -384,6 +384,40 @@ include_reference = true
     assert (tmp_path / "alert.sh.out").read_text() == "P\\x00X\\udc80"
 
 
+def test_an_alert_resent_after_a_crash_has_its_id_and_says_it_may_repeat(config_file: Path, tmp_path: Path) -> None:
+    """Killed after the command ran, before sent_at was committed: the resend carries the same id."""
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from dermwatch.alerts import _claim, send_pending
+    from dermwatch.store.models import Alert, utc_now
+
+    controller, inbox = smtp_server()
+    script = tmp_path / "alert.sh"
+    script.write_text('#!/bin/sh\necho "$DERMWATCH_ALERT_ID $DERMWATCH_MAY_BE_REPEAT" >> "$0.out"\n')
+    script.chmod(0o700)
+    try:
+        settings = alert_config(config_file, controller.port, False)
+        config_file.write_text(config_file.read_text().replace("[alerts]\n", f'[alerts]\ncommand = "{script}"\n'))
+        settings = load_settings(config_file)
+        flagged_arrival(settings)
+        engine = make_engine(settings.database_url)
+        with Session(engine) as session:  # a first try whose process died: claimed, never recorded
+            for alert_id in session.scalars(select(Alert.id)).all():
+                assert _claim(session, alert_id)
+            session.execute(update(Alert).values(next_attempt_at=utc_now()))  # its claim lapsed
+            session.commit()
+        assert send_pending(engine, settings.alerts, "Praxis Nord", settings.reports.timezone) == 2
+        (message,) = inbox.messages
+    finally:
+        controller.stop()
+    with Session(engine) as session:
+        ids = {a.channel: a.id for a in session.scalars(select(Alert))}
+    assert (tmp_path / "alert.sh.out").read_text() == f"{ids['command']} yes\n"
+    assert message["Message-ID"] == f"<dermwatch-alert-{ids['email']}@praxis.example>"
+    assert "(may repeat)" in message["Subject"] and f"Alert id:      {ids['email']}" in message.get_payload()
+
+
 def test_a_digest_sends_one_mail_and_one_command_run_for_a_burst(tmp_path: Path, flag_everything_model: Path) -> None:
     from dermwatch.alerts import send_pending
 
