@@ -61,10 +61,15 @@ def _training_command(name: str) -> click.Command:
 
 @click.group(cls=DermwatchGroup)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="config.toml for the command; the same as --config after the command.")
 @click.version_option(package_name="dermwatch")
-def cli(verbose: bool) -> None:
+@click.pass_context
+def cli(context: click.Context, verbose: bool, config_path: Path | None) -> None:
     """Classify dermoscopy images as they arrive and report suspected melanoma."""
     setup_logging(verbose)
+    if config_path is not None:  # every command that reads a config takes it as its own default
+        context.default_map = {name: {"config_path": config_path} for name in context.command.list_commands(context)}
 
 
 @cli.command()

@@ -59,7 +59,7 @@ def test_process_then_status(any_database_config: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "20 classified, 1 rejected" in result.stdout
     assert "rejected: notes.jpg: not an image file" in result.stderr
-    status = json.loads(invoke("status", "--config", str(config_file), "--json").stdout)
+    status = json.loads(invoke("--config", str(config_file), "status", "--json").stdout)  # before works too
     assert {k: status[k] for k in ("images", "predictions", "quarantined", "pending")} == {
         "images": 20, "predictions": 20, "quarantined": 1, "pending": 0}
     assert status["flagged"] >= 0 and status["model"].startswith("tiny-test-model test")
