@@ -269,9 +269,24 @@ def status(config_path: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
     else:
         for key, value in report.items():
-            click.echo(f"{key:>16}: {value}")
+            click.echo(f"{key.replace('_', ' '):>18}: {_for_people(value)}")
     if card is None or (revision is not None and not current):
         sys.exit(1)
+
+
+def _for_people(value: object, indent: int = 20) -> str:
+    """A status value as words: no Python reprs; a list of records one per line."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k.replace('_', ' ')} {_for_people(v)}" for k, v in value.items()) or "none"
+    if isinstance(value, list):
+        if not value:
+            return "none"
+        return ("\n" + " " * indent).join(_for_people(item) for item in value)
+    return str(value)
 
 
 def _alert_state(settings: Settings, engine, card) -> dict:

@@ -64,6 +64,9 @@ def test_process_then_status(any_database_config: Path, tmp_path: Path) -> None:
         "images": 20, "predictions": 20, "quarantined": 1, "pending": 0}
     assert status["flagged"] >= 0 and status["model"].startswith("tiny-test-model test")
     assert status["db_revision"] == status["db_head"] == head_revision()
+    text = invoke("status", "--config", str(config_file)).stdout  # for people: no Python reprs
+    assert "{" not in text and "[" not in text and "'" not in text
+    assert "       quarantined: 1\n" in text
 
 
 def test_db_check_and_an_out_of_date_schema(config_file: Path, settings: Settings) -> None:
