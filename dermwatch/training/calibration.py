@@ -9,9 +9,10 @@ from dermwatch.training.metrics import melanoma_threshold
 #: Melanoma sensitivity the alert threshold is chosen for, on validation images.
 TARGET_SENSITIVITY = 0.90
 THRESHOLD_RULE = f"highest P(melanoma) that flags >= {TARGET_SENSITIVITY:.0%} of validation melanomas"
-#: What export chooses on: every data root must reach the target, the worst one decides.
-WORST_ROOT_RULE = (f"highest P(melanoma) that flags >= {TARGET_SENSITIVITY:.0%} of the validation melanomas "
-                   "of every data root (the worst root decides)")
+#: What export chooses on: the pool and every root with enough melanomas to measure must reach
+#: the target; the worst of them decides (metrics.worst_root_threshold).
+WORST_ROOT_RULE = (f"highest P(melanoma) that flags >= {TARGET_SENSITIVITY:.0%} of the pooled validation melanomas "
+                   "and of those of every data root with at least 50 (the worst of them decides)")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
