@@ -180,7 +180,7 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     assert "external:clinic: 4 images" in exported.output
     from dermwatch.pipeline.classifier import load_classifier
 
-    for quantization in ("float32", "int8"):
+    for quantization in ("float32", "dynamic", "int8"):
         path = run_dir / "export" / f"dermwatch-{quantization}.tflite"
         classifier = load_classifier(path, threads=1)
         card = classifier.card.document
@@ -214,6 +214,8 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     close["accuracy"] -= 0.02
     write_card(paths[1], {**int8_card, "evaluation": {"sets": {"validation": close}}})
     assert choose_shipped(paths) == paths[0]
+    dynamic = run_dir / "export" / "dermwatch-dynamic.tflite"  # int8 weights, float activations
+    assert choose_shipped([*paths, dynamic]) == dynamic  # within a point, where int8 is not
 
 
 def test_training_repeats_and_a_seed_ensemble_averages_its_members(planted: dict[str, Path], tmp_path: Path) -> None:
