@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter, OpResolverType
+from ai_edge_litert.interpreter import Interpreter
 
 from dermwatch.errors import ModelError
 from dermwatch.labels import CLASS_NAMES
@@ -19,16 +19,11 @@ log = logging.getLogger(__name__)
 class Classifier:
     """One LiteRT interpreter. Input dtype and quantisation are read from the model itself."""
 
-    def __init__(self, model_path: Path, card: ModelCard, threads: int, *, packed: bool = True) -> None:
-        """``packed`` False: LiteRT's own kernels instead of XNNPACK, which keeps a second,
-        repacked copy of the weights (13.5 MB for a float32 EfficientNet-Lite0) per interpreter:
-        for an interpreter whose speed matters less than the service's memory (heatmaps)."""
+    def __init__(self, model_path: Path, card: ModelCard, threads: int) -> None:
         self.card = card
         self.path = model_path
-        resolver = OpResolverType.AUTO if packed else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self._interpreter = Interpreter(model_path=str(model_path), num_threads=threads,
-                                            experimental_op_resolver_type=resolver)
+            self._interpreter = Interpreter(model_path=str(model_path), num_threads=threads)
         except (ValueError, RuntimeError) as error:
             raise ModelError(f"LiteRT cannot load {model_path}: {error}") from None
         self._input = self._interpreter.get_input_details()[0]
@@ -81,7 +76,7 @@ def _dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
     return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
-def load_classifier(model_path: Path | None, threads: int, *, packed: bool = True) -> Classifier:
+def load_classifier(model_path: Path | None, threads: int) -> Classifier:
     """The configured model, or the one shipped in the package; fail loudly if there is none."""
     path = model_path or shipped_model_path()
     if model_path is None and not path.is_file():
@@ -91,4 +86,4 @@ def load_classifier(model_path: Path | None, threads: int, *, packed: bool = Tru
         )
     card = load_card(path)
     log.info("model %s from %s", card.display, path)
-    return Classifier(path, card, threads, packed=packed)
+    return Classifier(path, card, threads)

@@ -76,9 +76,8 @@ class ReportWorker(_Worker):
         self.checked_at: datetime | None = None
 
     def prepare(self) -> None:
-        # Interpreters are not shared between threads: this one serves the heatmaps, without
-        # XNNPACK's repacked weights, so that it costs the service no second copy of them.
-        classifier = load_classifier(self.settings.model.path, threads=1, packed=False)
+        # Interpreters are not shared between threads: this one serves the heatmaps.
+        classifier = load_classifier(self.settings.model.path, threads=1)
         budget = CpuBudget(self.settings.reports.cpu_share, self.stop)
         self.reporter = Reporter(self.settings, self.engine, classifier, stopping=self.stop, budget=budget)
         self.schedule = ReportSchedule(self.settings.reports, rendered_times(self.settings.paths.reports))
