@@ -65,6 +65,8 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
 @click.option("--learning-rate", default=DEFAULTS.learning_rate, show_default=True)
 @click.option("--weight-decay", default=DEFAULTS.weight_decay, show_default=True, help="AdamW's decoupled decay.")
 @click.option("--label-smoothing", default=DEFAULTS.label_smoothing, show_default=True)
+@click.option("--warmup-epochs", default=DEFAULTS.warmup_epochs, show_default=True,
+              help="Epochs of linear learning-rate warm-up before the cosine decay.")
 @click.option("--balance", type=click.Choice(BALANCE_MODES), default=DEFAULTS.balance, show_default=True,
               help="Class imbalance: inverse-frequency class weights; the same with each --data root weighed equally "
                    "within a class; or log-prior logit adjustment after training.")
