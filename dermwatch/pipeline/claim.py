@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dermwatch.errors import DISK_FULL_ERRNOS, TransientFault
 from dermwatch.pipeline.names import NAME_MAX, fitted_name
+from dermwatch.pipeline.regular_file import open_regular
 
 SIDECAR_SUFFIX = ".json"
 #: Inside a claim folder; a name starting with "." is never an image to take.
@@ -214,7 +215,7 @@ def _own_copy(path: Path, mode: int) -> None:
     partial = path.with_name(f".{path.name}{PARTIAL}")
     descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        with os.fdopen(descriptor, "wb") as copy, open(path, "rb", opener=_no_follow) as original:
+        with os.fdopen(descriptor, "wb") as copy, open_regular(path) as original:
             shutil.copyfileobj(original, copy)
             copy.flush()
             os.fchmod(copy.fileno(), mode)  # the umask may have taken more than asked
@@ -223,10 +224,6 @@ def _own_copy(path: Path, mode: int) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-
-
-def _no_follow(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
 
 
 def archive_name(sha256: str, original_name: str) -> str:

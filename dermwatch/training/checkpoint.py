@@ -8,13 +8,15 @@ consistent epoch to resume from.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
+
+from dermwatch.reports.atomic import write_atomically
 
 PROGRESS_FILE = "progress.json"
 BEST_WEIGHTS_FILE = "best-weights.npz"
@@ -35,9 +37,9 @@ class Progress:
 class EpochCheckpoint(keras.callbacks.Callback):
     """After each epoch (and after KeepBestEpoch has scored it), save the run's state to ``folder``."""
 
-    def __init__(self, folder: Path, keeper, seconds_before: float = 0.0) -> None:
+    def __init__(self, folder: Path, keeper) -> None:
         super().__init__()
-        self.folder, self.keeper, self.seconds_before = folder, keeper, seconds_before
+        self.folder, self.keeper = folder, keeper
         self.saved_best_epoch = keeper.best_epoch
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -45,12 +47,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
         model_file = f"epoch-{epoch + 1:03d}.keras"
         self.model.save(self.folder / model_file)
         if self.keeper.best_epoch != self.saved_best_epoch:
-            _write_atomically(self.folder / BEST_WEIGHTS_FILE,
-                              lambda f: np.savez(f, *self.keeper.best_weights))
+            weights = io.BytesIO()
+            np.savez(weights, *self.keeper.best_weights)
+            write_atomically(self.folder / BEST_WEIGHTS_FILE, weights.getvalue())
             self.saved_best_epoch = self.keeper.best_epoch
         progress = Progress(epoch + 1, model_file, self.keeper.history, float(self.keeper.best_score),
-                            self.keeper.best_epoch, self.seconds_before + self.keeper.seconds())
-        _write_atomically(self.folder / PROGRESS_FILE, lambda f: f.write(json.dumps(asdict(progress)).encode()))
+                            self.keeper.best_epoch, self.keeper.seconds_before + self.keeper.seconds())
+        write_atomically(self.folder / PROGRESS_FILE, json.dumps(asdict(progress)).encode())
         for old in self.folder.glob("epoch-*.keras"):
             if old.name != model_file:
                 old.unlink()
@@ -71,11 +74,3 @@ def load_best_weights(folder: Path) -> list[np.ndarray] | None:
     with np.load(path) as saved:
         return [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
-
-def _write_atomically(path: Path, write) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as stream:
-        write(stream)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(partial, path)

@@ -17,11 +17,14 @@ from dermwatch.training.run_start import RunStart
 #: The default recipe: one definition, in TrainOptions.
 DEFAULTS = TrainOptions()
 
-data_option = click.option(
-    "--data", "data_roots", multiple=True, required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="A data root: class folders, or Train/ and Test/ holding them. Repeat for several.",
-)
+def data_roots_option(required: bool):
+    """--data, repeatable; ``required`` unless the command can take the roots from elsewhere."""
+    return click.option(
+        "--data", "data_roots", multiple=True, required=required,
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help="A data root: class folders, or Train/ and Test/ holding them. Repeat for several.",
+    )
+
 ground_truth_option = click.option(
     "--ground-truth", type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="ISIC ground-truth CSV (image, lesion_id, diagnosis) to resolve labels and group lesions.",
@@ -46,9 +49,7 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
 
 
 @click.command("train")
-@click.option("--data", "data_roots", multiple=True,
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A data root: class folders, or Train/ and Test/ holding them. Repeat for several.")
+@data_roots_option(required=False)  # not with --resume: the run keeps its own
 @ground_truth_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the manifest, the Keras model, training.json and the per-epoch checkpoints.")
@@ -179,7 +180,7 @@ def export_command(run_dir: Path, version: str | None, tta: bool, ship: bool,
 
 @click.command("evaluate")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@data_option
+@data_roots_option(required=True)
 @ground_truth_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the results as JSON here (default: print only).")

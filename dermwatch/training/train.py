@@ -158,7 +158,7 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions, *, resume: bool = 
     logit_offset = -np.log(class_priors(y_train)) if options.balance == "logit-adjust" else None
     keeper = KeepBestEpoch(x_val.astype(np.float32), y_val, logit_offset, progress,
                            load_best_weights(checkpoints) if progress else None)
-    callbacks = [keeper, EpochCheckpoint(checkpoints, keeper, keeper.seconds_before)]
+    callbacks = [keeper, EpochCheckpoint(checkpoints, keeper)]
     if _uses_ema(options):
         # The averaged weights are swapped in before the keeper scores each epoch. A checkpoint
         # is written with them in the model, so a resumed run starts swapped.
