@@ -17,7 +17,7 @@ from dermwatch.errors import DatabaseError, DermwatchError, ModelError
 from dermwatch.labels import CLASS_NAMES, MELANOMA
 from dermwatch.logs import setup_logging
 from dermwatch.pipeline.claim import iter_candidates
-from dermwatch.site_commands import SITE_COMMANDS
+from dermwatch.site.commands import SITE_COMMANDS
 
 # Training commands need TensorFlow-side packages, so they are imported only when asked for.
 _TRAINING_COMMANDS = {
@@ -169,8 +169,8 @@ def classify(config_path: Path | None, paths: tuple[Path, ...], output_format: s
 
 def _threshold_in_force(settings: Settings, card):
     """The site's threshold from the database; the card's when nothing has run here yet."""
+    from dermwatch.site.threshold import threshold_for, unvalidated
     from dermwatch.store.db import ensure_schema, make_engine
-    from dermwatch.threshold import threshold_for, unvalidated
 
     try:
         engine = make_engine(settings.database_url, settings.busy_timeout_seconds, create=False)
@@ -293,9 +293,9 @@ def _alert_state(settings: Settings, engine, card) -> dict:
     """The threshold in force, and today's flag rate against what its calibration implies."""
     from datetime import datetime
 
-    from dermwatch.drift import alert_rate, drift_warning
     from dermwatch.reports.day import load_day
-    from dermwatch.threshold import threshold_for
+    from dermwatch.site.drift import alert_rate, drift_warning
+    from dermwatch.site.threshold import threshold_for
 
     threshold = threshold_for(engine, card)
     today = load_day(engine, datetime.now(settings.reports.timezone).date(), settings.reports.timezone)

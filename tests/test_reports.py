@@ -114,7 +114,7 @@ def test_a_day_renders_every_section_in_order(day_of_images) -> None:
 def test_the_header_counts_the_held_out_melanomas_the_threshold_caught() -> None:
     from dermwatch.modelcard import shipped_model_path
     from dermwatch.reports.render import threshold_words
-    from dermwatch.threshold import unvalidated
+    from dermwatch.site.threshold import unvalidated
 
     card = load_card(shipped_model_path())
     held_out = card.document["evaluation"]["sets"]["test_leak_free"]

@@ -16,9 +16,9 @@ from sqlalchemy.orm import Session
 
 from dermwatch.cli import cli
 from dermwatch.config import load_settings
-from dermwatch.drift import alert_rate, binomial_upper_tail, drift_warning
 from dermwatch.errors import DataError
-from dermwatch.site_calibration import MIN_MELANOMAS, fit_threshold, melanomas_to_flag
+from dermwatch.site.calibration import MIN_MELANOMAS, fit_threshold, melanomas_to_flag
+from dermwatch.site.drift import alert_rate, binomial_upper_tail, drift_warning
 from dermwatch.store.db import make_engine
 from dermwatch.store.models import Prediction, SiteThreshold
 

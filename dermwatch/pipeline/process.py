@@ -48,9 +48,9 @@ from dermwatch.pipeline.names import display_name, fitted_name, name_bytes
 from dermwatch.pipeline.regular_file import open_regular
 from dermwatch.pipeline.sidecar import read_sidecar
 from dermwatch.pipeline.workers import Membership, cooperative
+from dermwatch.site.threshold import threshold_in_force
 from dermwatch.store.db import ensure_schema, make_engine, session_scope
 from dermwatch.store.models import Alert, Image, Prediction, Rejection, Sighting, probability_column, utc_now
-from dermwatch.threshold import threshold_in_force
 
 log = logging.getLogger(__name__)
 

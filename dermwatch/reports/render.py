@@ -17,10 +17,8 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import Engine
 
 from dermwatch.config import Settings
-from dermwatch.drift import alert_rate, drift_warning
 from dermwatch.labels import CLASS_NAMES, MALIGNANT, display_name
 from dermwatch.modelcard import ModelCard
-from dermwatch.outcomes import outcome_summary
 from dermwatch.pipeline.classifier import Classifier
 from dermwatch.pipeline.sidecar import SIDECAR_KEYS
 from dermwatch.reports.atomic import write_atomically
@@ -28,7 +26,9 @@ from dermwatch.reports.budget import CpuBudget
 from dermwatch.reports.day import ArrivalRow, Day, ImageRow, load_day
 from dermwatch.reports.pictures import LIST_THUMBNAIL_SIDE, Pictures
 from dermwatch.safe_text import shown
-from dermwatch.threshold import AlertThreshold, threshold_for
+from dermwatch.site.drift import alert_rate, drift_warning
+from dermwatch.site.outcomes import outcome_summary
+from dermwatch.site.threshold import AlertThreshold, threshold_for
 
 CSV_FIELDS = [
     "status", "received_at", "original_name", "sha256", "patient_reference", "lesion_reference", "body_site",

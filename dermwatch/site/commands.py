@@ -31,9 +31,9 @@ def calibrate(config_path: Path | None, source: Path | None, sensitivity: float,
     for the model in use, and the service, `process`, `classify`, reports and alerts use it.
     """
     from dermwatch.pipeline.classifier import load_classifier
-    from dermwatch.site_calibration import fit_threshold, record_fit
+    from dermwatch.site.calibration import fit_threshold, record_fit
+    from dermwatch.site.threshold import threshold_for
     from dermwatch.store.db import ensure_schema, make_engine
-    from dermwatch.threshold import threshold_for
 
     if bool(source) == from_outcomes:
         raise click.UsageError("give SOURCE (labelled images) or --from-outcomes, not both or neither")
@@ -61,9 +61,9 @@ def calibrate(config_path: Path | None, source: Path | None, sensitivity: float,
 
 
 def _labelled_scores(classifier, source: Path, max_pixels: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    from dermwatch.labelled import read_labelled
     from dermwatch.pipeline.scoring import score_files
-    from dermwatch.site_calibration import require_melanomas
+    from dermwatch.site.calibration import require_melanomas
+    from dermwatch.site.labelled import read_labelled
 
     found = read_labelled(source)
     for path in found.unused:
@@ -118,7 +118,7 @@ def outcome_import(config_path: Path | None, table: Path) -> None:
     Importing the same file again changes nothing; rows that match no image are listed and
     make the exit status 1, after the others are recorded.
     """
-    from dermwatch.outcomes import import_outcomes
+    from dermwatch.site.outcomes import import_outcomes
     from dermwatch.store.db import ensure_schema, make_engine
 
     settings = load_settings(config_path)
@@ -143,7 +143,7 @@ def review(config_path: Path | None, images: tuple[str, ...], reviewer: str) -> 
 
     IMAGES are sha256 values (the first 12 characters are enough) or file names as received.
     """
-    from dermwatch.reviews import mark_reviewed
+    from dermwatch.site.reviews import mark_reviewed
     from dermwatch.store.db import ensure_schema, make_engine
 
     settings = load_settings(config_path)

@@ -10,9 +10,9 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from dermwatch.labels import MELANOMA, parse_diagnosis
+from dermwatch.site.tables import read_table
 from dermwatch.store.models import ConfirmedDiagnosis, Prediction, utc_now
 from dermwatch.store.queries import image_id_by_name, image_id_by_sha256
-from dermwatch.tables import read_table
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 from dermwatch.errors import DataError
 from dermwatch.labels import parse_diagnosis
 from dermwatch.pipeline.claim import iter_candidates
-from dermwatch.tables import read_table
+from dermwatch.site.tables import read_table
 
 
 @dataclass(frozen=True)

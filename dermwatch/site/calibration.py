@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from dermwatch.errors import DataError
 from dermwatch.modelcard import ModelCard
-from dermwatch.stats import binomial_upper_tail
+from dermwatch.site.stats import binomial_upper_tail
 from dermwatch.store.models import SiteThreshold, utc_now
 
 #: Fewer melanomas than this cannot say whether an alert finds 90 % of them: with 9, one

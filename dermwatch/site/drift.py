@@ -6,7 +6,7 @@ that no longer matches the one measured when the threshold was chosen.
 
 from __future__ import annotations
 
-from dermwatch.stats import binomial_upper_tail
+from dermwatch.site.stats import binomial_upper_tail
 
 #: Below this many images a day, even a large excess of flags is too likely by chance to act on.
 MIN_IMAGES = 20
