@@ -298,7 +298,7 @@ def _alert_state(settings: Settings, engine, card) -> dict:
     from dermwatch.site.threshold import threshold_for
 
     threshold = threshold_for(engine, card)
-    today = load_day(engine, datetime.now(settings.reports.timezone).date(), settings.reports.timezone)
+    today = load_day(engine, datetime.now(settings.reports.timezone).date(), settings.reports.timezone, threshold)
     rate = alert_rate(len(today.images), len(today.flagged), threshold.expected_flag_rate)
     return {"threshold": threshold.value, "threshold_source": threshold.source, "alert_rate_today": rate,
             "drift_warning": drift_warning(rate)}

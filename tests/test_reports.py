@@ -96,7 +96,7 @@ def day_of_images(berlin_config: Path):
 def test_a_day_renders_every_section_in_order(day_of_images) -> None:
     settings, reporter = day_of_images
     rendered = reporter.render(DAY)
-    html = rendered.html.read_text()
+    html = rendered.html.read_text().replace("<wbr>", "")  # names may wrap after separators
     order = [html.index(marker) for marker in (
         "Praxis Süd", "Suspected melanoma (2)", "back-mole.jpg", "&lt;img src=x onerror=alert(1)&gt;.jpg",
         "Other images (3)", "Basal cell carcinoma (", "arm.jpg", "Could not be read (1)", "scan.jpg",
@@ -715,3 +715,93 @@ def test_a_name_with_hash_or_percent_links_to_its_own_file(berlin_config: Path) 
     links = re.findall(r'href="([^"]+\.jpg)"', rendered.html.read_text())
     assert links and all("#" not in link and "%25" in link for link in links)
     assert all((rendered.html.parent / unquote(link)).is_file() for link in links)
+
+
+def _site_threshold(engine, card, value: float) -> None:
+    """A site calibration row, as `dermwatch calibrate` stores it, putting ``value`` in force."""
+    from dermwatch.store.models import SiteThreshold
+
+    with Session(engine) as session, session.begin():
+        session.add(SiteThreshold(
+            model_sha256=card.sha256, created_at=datetime.now(timezone.utc), threshold=value, target_sensitivity=0.9,
+            method="images", source="site", images=40, melanomas=12, sensitivity=0.92, sensitivity_low=0.7,
+            sensitivity_high=0.99, specificity=0.5, specificity_low=0.3, specificity_high=0.7, flag_rate=0.4))
+
+
+def test_the_report_lists_as_suspected_exactly_the_images_at_the_threshold_in_force(day_of_images) -> None:
+    settings, reporter = day_of_images  # stored on arrival under the card's 0.5: 0.91 and 0.62 flagged
+    engine = reporter.engine
+
+    _site_threshold(engine, reporter.card, 0.7)
+    html = reporter.render(DAY).html.read_text()
+    suspected = html.split('<section id="suspected-melanoma">')[1].split("</section>")[0]
+    others = html.split('<section id="other-images">')[1].split("</section>")[0]
+    assert "P(melanoma) ≥ 0.700 are flagged" in html and "Suspected melanoma (1)" in suspected
+    assert "back-mole.jpg" in suspected and "onerror" not in suspected
+    assert "onerror" in others and "Alerted on arrival under an earlier threshold (0.500)" in others
+    document = json.loads(settings.paths.reports.joinpath(f"{DAY}.json").read_text())
+    assert document["threshold"] == 0.7 and document["flagged"] == 1
+    assert all(row["flagged"] == (row["melanoma_score"] >= 0.7) for row in document["rows"] if row["sha256"])
+
+    _site_threshold(engine, reporter.card, 0.03)  # newer, and lower: arm.jpg (0.05) is suspected now
+    html = reporter.render(DAY).html.read_text()
+    suspected = html.split('<section id="suspected-melanoma">')[1].split("</section>")[0]
+    assert "Suspected melanoma (3)" in suspected and "arm.jpg" in suspected
+    assert suspected.count("Not alerted on arrival: the threshold in force then was 0.500.") == 1
+    assert "earlier threshold" not in html
+
+
+def test_no_markdown_reaches_the_page(day_of_images) -> None:
+    _, reporter = day_of_images
+    assert "`" not in reporter.render(DAY).html.read_text()
+
+
+def test_tables_keep_words_whole_on_screen_and_in_print(day_of_images, tmp_path: Path) -> None:
+    """At 1,000 to 1,600 px, and on paper, no word of a table is split across lines ("Not es")."""
+    from pypdf import PdfReader
+
+    assert shutil.which("chromium"), "this test needs Debian's chromium (apt-get install chromium; .ci/run does)"
+    settings, reporter = day_of_images
+    at = datetime.combine(DAY, time(14, 0), BERLIN)
+    add_image(settings, reporter.engine, "ISIC_0024306_dermoscopy_left-shoulder_2026-03-14.jpg", seed=7,
+              melanoma=0.04, top="pigmented benign keratosis", received_local=at,
+              sidecar={"patient_reference": "P-0043", "lesion_reference": "L-2", "body_site": "left shoulder",
+                       "notes": "Notes from the referring practice about this lesion's history"})
+    page = reporter.render(DAY).html.read_text()
+    # A copy of the page that finds every word drawn on more than one line: the report's own
+    # policy allows no script.
+    probe = """<script>window.onload = () => {
+      const broken = [];
+      for (const cell of document.querySelectorAll('th, td')) {
+        const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+        for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+          for (const match of node.data.matchAll(/[^\\s_\\-.\\/]+/g)) {
+            const range = document.createRange();
+            range.setStart(node, match.index);
+            range.setEnd(node, match.index + match[0].length);
+            const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+            if (tops.size > 1) broken.push(match[0]);
+          }
+        }
+      }
+      document.body.setAttribute('data-broken', JSON.stringify(broken)); };</script>"""
+    measured = tmp_path / "measured.html"
+    measured.write_text(re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page)
+                        .replace("</body>", probe + "</body>"))
+    for width in (1000, 1400, 1600):
+        dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},1400",
+                              "--virtual-time-budget=5000", "--dump-dom", measured.as_uri()],
+                             capture_output=True, text=True, timeout=120)
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        broken = json.loads(html_unescape(re.search(r'data-broken="([^"]*)"', dom.stdout).group(1)))
+        assert broken == [], f"at {width} px: {broken}"
+    html = reporter.render(DAY).html
+    pdf = tmp_path / "report.pdf"
+    printed = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              f"--user-data-dir={tmp_path / 'profile'}", "--no-pdf-header-footer",
+                              f"--print-to-pdf={pdf}", html.as_uri()], capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    words = set(" ".join(page.extract_text() for page in PdfReader(pdf).pages).split())
+    for word in ("Notes", "Received", "Original", "Patient", "referring", "practice", "history", "shoulder"):
+        assert word in words or f"{word}." in words, f"{word} is split on paper"

@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import write_jpeg
+from conftest import wait_until, write_jpeg
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -230,3 +231,59 @@ def test_a_flag_rate_far_above_expected_is_warned_about_everywhere(
     today = datetime.now(settings.reports.timezone).date().isoformat()
     assert "far above the 5%" in (settings.paths.reports / f"{today}.html").read_text()
     assert service.stop() == 0
+
+
+def test_a_calibration_or_an_outcome_reaches_the_running_service_within_a_minute(
+        config_file: Path, tmp_path: Path, start_service) -> None:
+    config_file.write_text(config_file.read_text() + "[reports]\nquiet_seconds = 1\n")
+    settings = load_settings(config_file)
+    service = start_service()
+    for i in range(8):
+        write_jpeg(settings.paths.intake / f"visit-{i}.jpg", seed=100 + i)
+    day_json = settings.paths.reports / f"{datetime.now(settings.reports.timezone).date()}.json"
+
+    def report() -> dict:
+        return json.loads(day_json.read_text()) if day_json.exists() else {}
+
+    wait_until(lambda: report().get("images") == 8, 60, "today's report with the 8 images")
+    assert report()["threshold_source"].startswith("model card")
+
+    source = labelled_folder(tmp_path / "site", {"melanoma": 12, "nevus": 15})
+    result = invoke("calibrate", str(source), "--config", str(config_file))
+    assert result.exit_code == 0, result.output
+    assert "(was 0.5000, the model card's)" in result.stdout and "not validated" not in result.output
+    assert "the running service shows this in today's report within a minute" in result.stdout
+    with Session(make_engine(settings.database_url)) as session:
+        site = session.scalars(select(SiteThreshold)).one()
+    wait_until(lambda: report().get("threshold") == site.threshold, 60, "the site threshold in today's report")
+    document = report()
+    assert document["threshold_source"].startswith("site calibration of ")
+    scored = [row for row in document["rows"] if row["sha256"]]
+    assert len(scored) == 8 and all(row["flagged"] == (row["melanoma_score"] >= site.threshold) for row in scored)
+    assert document["flagged"] == sum(row["flagged"] for row in scored)
+    status = json.loads(invoke("status", "--config", str(config_file), "--json").stdout)
+    assert status["threshold"] == site.threshold and status["threshold_source"] == document["threshold_source"]
+
+    outcomes = tmp_path / "outcomes.csv"
+    outcomes.write_text("file_name,diagnosis\nvisit-3.jpg,melanoma\n")
+    imported = invoke("outcome", "import", str(outcomes), "--config", str(config_file))
+    assert imported.exit_code == 0, imported.output
+    wait_until(lambda: report().get("outcomes", {}).get("confirmed") == 1, 60, "the outcome in today's report")
+    assert service.stop() == 0
+
+
+def test_without_a_service_calibrate_and_outcome_import_rewrite_todays_report(
+        config_file: Path, tmp_path: Path) -> None:
+    settings = load_settings(config_file)
+    source = labelled_folder(tmp_path / "site", {"melanoma": 12, "nevus": 15})
+    assert invoke("process", "--config", str(config_file), str(source / "nevus")).exit_code == 0
+    result = invoke("calibrate", str(source), "--config", str(config_file))
+    assert result.exit_code == 0, result.output
+    assert f"from {source}\n" in result.stdout  # the path as given
+    day_json = settings.paths.reports / f"{datetime.now(settings.reports.timezone).date()}.json"
+    assert f"today's report refreshed: {day_json.with_suffix('.html')}" in result.stdout
+    assert json.loads(day_json.read_text())["threshold_source"].startswith("site calibration of ")
+    outcomes = tmp_path / "outcomes.csv"
+    outcomes.write_text("file_name,diagnosis\nnev-00.jpg,nevus\n")
+    assert invoke("outcome", "import", str(outcomes), "--config", str(config_file)).exit_code == 0
+    assert json.loads(day_json.read_text())["outcomes"]["confirmed"] == 1

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from dermwatch.labels import CLASS_NAMES, MALIGNANT
+from dermwatch.site.threshold import AlertThreshold
 from dermwatch.store.models import Image, Prediction, Rejection, Review, Sighting
 
 
@@ -44,8 +45,9 @@ class ImageRow:
     probabilities: dict[str, float]
     top_label: str
     melanoma_score: float
-    threshold: float
-    flagged: bool
+    flagged: bool  # at or above the threshold in force when the day is loaded: listed as suspected
+    alerted: bool  # flagged on arrival, under the threshold in force then, and so alerted
+    threshold_on_arrival: float
     model_version: str
     model_sha256: str
     reviewed_by: str | None = None  # a dermatologist marked it looked at (`dermwatch review`)
@@ -53,6 +55,11 @@ class ImageRow:
 
     def top(self, n: int = 3) -> list[tuple[str, float]]:
         return sorted(self.probabilities.items(), key=lambda item: -item[1])[:n]
+
+    @property
+    def flag_changed(self) -> bool:
+        """Flagged now but not on arrival, or the other way round: the threshold changed since."""
+        return self.flagged != self.alerted
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,9 @@ def utc_bounds(day: date, zone: ZoneInfo) -> tuple[datetime, datetime]:
     return start.astimezone(timezone.utc), end.astimezone(timezone.utc)
 
 
-def load_day(engine: Engine, day: date, zone: ZoneInfo) -> Day:
+def load_day(engine: Engine, day: date, zone: ZoneInfo, threshold: AlertThreshold | None) -> Day:
+    """The day's images, flagged by ``threshold`` (the one in force now) where their prediction
+    is by its model; predictions by another model keep the flag they got on arrival."""
     start, end = utc_bounds(day, zone)
     result = Day(date=day, zone=zone)
     with Session(engine) as session:
@@ -119,8 +128,8 @@ def load_day(engine: Engine, day: date, zone: ZoneInfo) -> Day:
                 newest[prediction.image_id] = prediction
         reviews = {r.image_id: r for r in session.scalars(select(Review).where(Review.image_id.in_(by_image)))} \
             if by_image else {}
-        rows = [_image_row(image, newest[image.id], tuple(by_image[image.id]), reviews.get(image.id), zone)
-                for image in images if image.id in newest]
+        rows = [_image_row(image, newest[image.id], tuple(by_image[image.id]), reviews.get(image.id), zone,
+                           threshold) for image in images if image.id in newest]
         result.rejected = [
             RejectedRow(r.original_name, r.reason, r.rejected_at.astimezone(zone))
             for r in session.scalars(
@@ -137,7 +146,8 @@ def load_day(engine: Engine, day: date, zone: ZoneInfo) -> Day:
 
 
 def _image_row(image: Image, prediction: Prediction, arrivals: tuple[ArrivalRow, ...], review: Review | None,
-               zone: ZoneInfo) -> ImageRow:
+               zone: ZoneInfo, threshold: AlertThreshold | None) -> ImageRow:
+    in_force = threshold is not None and threshold.model_sha256 == prediction.model_sha256
     return ImageRow(
         sha256=image.sha256,
         original_name=arrivals[0].original_name,
@@ -147,8 +157,9 @@ def _image_row(image: Image, prediction: Prediction, arrivals: tuple[ArrivalRow,
         probabilities=prediction.probabilities(),
         top_label=prediction.top_label,
         melanoma_score=prediction.melanoma_score,
-        threshold=prediction.threshold,
-        flagged=prediction.flagged,
+        flagged=prediction.melanoma_score >= threshold.value if in_force else prediction.flagged,
+        alerted=prediction.flagged,
+        threshold_on_arrival=prediction.threshold,
         model_version=prediction.model_version,
         model_sha256=prediction.model_sha256,
         reviewed_by=review.reviewer if review else None,

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
 from sqlalchemy import Engine
 
 from dermwatch.config import Settings
@@ -32,8 +34,8 @@ from dermwatch.site.threshold import AlertThreshold, threshold_for
 
 CSV_FIELDS = [
     "status", "received_at", "original_name", "sha256", "patient_reference", "lesion_reference", "body_site",
-    "notes", "top_label", "melanoma_score", "flagged", *CLASS_NAMES, "model_version", "archive_path", "reviewed_by",
-    "reason",
+    "notes", "top_label", "melanoma_score", "flagged", "alerted", *CLASS_NAMES, "model_version", "archive_path",
+    "reviewed_by", "reason",
 ]
 
 def _shown_in_page(value: object) -> object:
@@ -51,6 +53,14 @@ _environment = Environment(
 _environment.filters["display"] = display_name
 
 
+def _breakable(name: str) -> Markup:
+    """A file name or path that may wrap after its separators (_ - . /) and nowhere else."""
+    return Markup("<wbr>").join(re.split(r"(?<=[_\-./])", shown(name)))
+
+
+_environment.filters["breakable"] = _breakable
+
+
 @dataclass(frozen=True)
 class Rendered:
     html: Path
@@ -65,7 +75,7 @@ class Rendered:
 def render_day(engine: Engine, day: date, *, reports_dir: Path, site_name: str, card: ModelCard | None,
                threshold: AlertThreshold | None, pictures: Pictures, zone: ZoneInfo) -> Rendered:
     """Write reports_dir/YYYY-MM-DD.{html,csv,json} for ``day`` and refresh the index."""
-    loaded = load_day(engine, day, zone)
+    loaded = load_day(engine, day, zone, threshold)
     rows = _flat_rows(loaded)
     stem = reports_dir / day.isoformat()
     rate = alert_rate(len(loaded.images), len(loaded.flagged), threshold.expected_flag_rate if threshold else None)
@@ -157,6 +167,7 @@ def _arrival_record(row: ImageRow, arrival: ArrivalRow) -> dict:
         "top_label": row.top_label,
         "melanoma_score": round(row.melanoma_score, 6),
         "flagged": row.flagged,
+        "alerted": row.alerted,
         **{label: round(p, 6) for label, p in row.probabilities.items()},
         "model_version": row.model_version,
         "archive_path": row.archive_path,

@@ -10,8 +10,8 @@ import click
 import numpy as np
 
 from dermwatch.cli_options import config_option
-from dermwatch.config import load_settings
-from dermwatch.errors import DataError
+from dermwatch.config import Settings, load_settings
+from dermwatch.errors import DataError, ModelError
 from dermwatch.labels import CLASS_NAMES, MELANOMA
 
 
@@ -47,17 +47,20 @@ def calibrate(config_path: Path | None, source: Path | None, sensitivity: float,
         described = f"{len(scores)} confirmed outcomes"
     else:
         scores, is_melanoma = _labelled_scores(classifier, source, settings.max_pixels, settings.model.batch_size)
-        described = str(source.resolve())
+        described = str(source)  # printed as given; stored resolved, as the record of what it was fitted on
     before = threshold_for(engine, card)
     fit = fit_threshold(scores, is_melanoma, sensitivity)
-    stored = record_fit(engine, card, fit, method="outcomes" if from_outcomes else "images", source=described)
+    stored = record_fit(engine, card, fit, method="outcomes" if from_outcomes else "images",
+                        source=described if from_outcomes else str(source.resolve()))
     specificity = str(fit.specificity) if fit.specificity else "n/a (no image other than melanoma)"
     click.echo(f"calibrated on {fit.images} images ({fit.melanomas} melanomas) from {described}")
-    click.echo(f"  threshold:   P(melanoma) >= {fit.threshold:.4f} (was {before.value:.4f}, {before.source})")
+    was = "the site's earlier calibration" if before.validated_at_site else "the model card's"
+    click.echo(f"  threshold:   P(melanoma) >= {fit.threshold:.4f} (was {before.value:.4f}, {was})")
     click.echo(f"  sensitivity: {fit.sensitivity} (asked for {sensitivity:.2f})")
     click.echo(f"  specificity: {specificity}")
     click.echo(f"  flags {fit.flag_rate:.1%} of these images")
     click.echo(f"stored {stored.created_at:%Y-%m-%d %H:%M} UTC as the site threshold for {card.display}")
+    _show_in_todays_report(settings, engine, classifier)
 
 
 def _labelled_scores(classifier, source: Path, max_pixels: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +132,8 @@ def outcome_import(config_path: Path | None, table: Path) -> None:
         click.echo(f"not recorded: {problem}", err=True)
     click.echo(f"{result.recorded} recorded, {result.changed} changed, {result.unchanged} already known, "
                f"{len(result.unknown)} not recorded")
+    if result.recorded or result.changed:
+        _show_in_todays_report(settings, engine)
     if result.unknown:
         sys.exit(1)
 
@@ -153,8 +158,32 @@ def review(config_path: Path | None, images: tuple[str, ...], reviewer: str) -> 
     for problem in problems:
         click.echo(f"not marked: {problem}", err=True)
     click.echo(f"{marked} image(s) marked reviewed by {reviewer}")
+    if marked:
+        _show_in_todays_report(settings, engine)
     if problems:
         sys.exit(1)
+
+
+def _show_in_todays_report(settings: Settings, engine, classifier=None) -> None:
+    """Bring what was just recorded onto today's report. A running service rewrites it itself
+    within a minute (it watches site_state); without one, it is written here and now."""
+    from datetime import datetime
+
+    from dermwatch.pipeline.classifier import load_classifier
+    from dermwatch.reports.render import Reporter
+    from dermwatch.watcher.instance import service_running
+
+    if service_running(settings, engine):
+        click.echo("the running service shows this in today's report within a minute")
+        return
+    if classifier is None:
+        try:
+            classifier = load_classifier(settings.model.path, settings.model.threads)
+        except ModelError as error:
+            click.echo(f"warning: no heatmaps in the refreshed report: {error}", err=True)
+    today = datetime.now(settings.reports.timezone).date()
+    rendered = Reporter(settings, engine, classifier).render(today)
+    click.echo(f"today's report refreshed: {rendered.html}")
 
 
 SITE_COMMANDS = (calibrate, outcome, review)

@@ -28,4 +28,4 @@ def drift_warning(rate: dict) -> str | None:
         return None
     return (f"the alert flagged {flagged} of {images} images today ({flagged / images:.0%}), far above the "
             f"{expected:.0%} its threshold flagged on its calibration images: check the camera and lighting, "
-            "and recalibrate on recent labelled images (`dermwatch calibrate`)")
+            "and recalibrate on recent labelled images (dermwatch calibrate)")

@@ -18,6 +18,7 @@ from dermwatch.store.models import SiteThreshold
 
 @dataclass(frozen=True)
 class AlertThreshold:
+    model_sha256: str  # the model it is in force for
     value: float
     source: str  # starts with "site" once calibrated here, else says it is the model card's
     expected_flag_rate: float | None  # share of images its own calibration data flagged
@@ -32,14 +33,15 @@ def threshold_in_force(session: Session, card: ModelCard) -> AlertThreshold:
     )
     if site is None:
         return unvalidated(card)
-    return AlertThreshold(site.threshold, describe_site_threshold(site), site.flag_rate, validated_at_site=True)
+    return AlertThreshold(card.sha256, site.threshold, describe_site_threshold(site), site.flag_rate,
+                          validated_at_site=True)
 
 
 def unvalidated(card: ModelCard) -> AlertThreshold:
     """The card's own threshold, for a site that has not calibrated this model."""
     return AlertThreshold(
-        card.melanoma_threshold,
-        "model card (chosen on validation images; not validated at this site: run `dermwatch calibrate`)",
+        card.sha256, card.melanoma_threshold,
+        "model card (chosen on validation images; not validated at this site: run dermwatch calibrate)",
         card_flag_rate(card), validated_at_site=False,
     )
 

@@ -20,6 +20,7 @@ from dermwatch.reports.budget import CpuBudget
 from dermwatch.reports.day import days_with_data
 from dermwatch.reports.pictures import RenderInterrupted
 from dermwatch.reports.render import Reporter
+from dermwatch.site.changes import site_state
 from dermwatch.store.models import utc_now
 from dermwatch.watcher.health import Backoff, Health
 from dermwatch.watcher.schedule import ReportSchedule, rendered_times
@@ -74,6 +75,7 @@ class ReportWorker(_Worker):
         self.engine = engine
         self.latest: dict[date, datetime] = {}
         self.checked_at: datetime | None = None
+        self.site_shown: tuple | None = None  # site_state() when today's report was last written
 
     def prepare(self) -> None:
         # Interpreters are not shared between threads: this one serves the heatmaps.
@@ -88,13 +90,19 @@ class ReportWorker(_Worker):
         for day, latest in days_with_data(self.engine, self.settings.reports.timezone, since).items():
             self.latest[day] = max(latest, self.latest.get(day, latest))
         self.checked_at = now
-        for day in self.schedule.due(now, self.latest):
+        today = now.astimezone(self.settings.reports.timezone).date()
+        due = self.schedule.due(now, self.latest)
+        site = site_state(self.engine, self.reporter.card)
+        if site != self.site_shown and today not in due:
+            due.append(today)  # a calibration, outcome import or review since today's report
+        for day in due:
             try:
                 rendered = self.reporter.render(day)
             except RenderInterrupted:
                 return  # stopping: the next start renders it, as the report is older than its arrivals
             self.schedule.mark(day, now - COMMIT_MARGIN)
-            if day == now.astimezone(self.settings.reports.timezone).date():
+            if day == today:
+                self.site_shown = site
                 self.health.warn("alert rate", rendered.drift_warning)
             log.info("report %s: %d images, %d flagged, %d could not be read", rendered.html, rendered.images,
                      rendered.flagged, rendered.rejected)

@@ -11,6 +11,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from dermwatch.config import Settings
@@ -58,6 +59,16 @@ def holder(settings: Settings) -> int | None:
         except OSError:
             continue
     return None
+
+
+def service_running(settings: Settings, engine: Engine) -> bool:
+    """Whether a service works on this installation: the lock's holder (SQLite), or a worker
+    whose lease has not lapsed (PostgreSQL)."""
+    from dermwatch.pipeline.workers import cooperative, worker_rows
+
+    if not cooperative(settings.database_url):
+        return holder(settings) is not None
+    return any(worker["state"] == "alive" for worker in worker_rows(engine, settings.worker_lease_seconds))
 
 
 def _acquire(path: Path):
