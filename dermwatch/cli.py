@@ -74,11 +74,17 @@ def cli(context: click.Context, verbose: bool, config_path: Path | None) -> None
 
 @cli.command()
 @config_option
-def run(config_path: Path | None) -> None:
-    """Run the service in the foreground: watch the intake folder until SIGTERM."""
+@click.option("--create-intake", is_flag=True,
+              help="Create the configured intake folder if it does not exist (else that is refused as a typo).")
+def run(config_path: Path | None, create_intake: bool) -> None:
+    """Run the service in the foreground: watch the intake folder until SIGTERM.
+
+    A new model file (with its card) or SIGHUP makes it start over with the new model and the
+    configuration read again, without losing anything in hand.
+    """
     from dermwatch.watcher.service import run_service
 
-    run_service(load_settings(config_path))
+    run_service(load_settings(config_path), lambda: load_settings(config_path), create_intake=create_intake)
 
 
 @cli.command()
@@ -89,9 +95,10 @@ def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
 
     Files are moved into the archive (or quarantine), exactly as from the intake folder.
     """
-    from dermwatch.pipeline.process import open_processor
+    from dermwatch.pipeline.process import check_settings, open_processor
 
     settings = load_settings(config_path)
+    check_settings(settings)
     processor = open_processor(settings)
     try:
         outcomes, files = _process_files(settings, processor, _collect(paths))
@@ -254,7 +261,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
     report |= counts(engine) if revision else dict.fromkeys(
         ("images", "sightings", "predictions", "flagged", "quarantined"), 0)
     report["pending"] = _pending(settings)
-    report |= alert_counts(engine) if current else {"alerts_queued": None, "alerts_failing": None}
+    report |= alert_counts(engine) if current else dict.fromkeys(("alerts_queued", "alerts_failing", "alert_error"))
     report["last_report"] = _last_report(settings)
     try:
         card = load_card(settings.model.path or shipped_model_path())
@@ -330,12 +337,13 @@ def _service_state(settings: Settings, engine, current: bool) -> dict:
             return {"service": "not running", "faults": {}}
         published = _published(settings.paths.state / STATUS_FILE)
         return {"service": f"running (PID {pid})", "service_status": published.get("status"),
-                "faults": published.get("faults", {})}
+                "service_model": published.get("model"), "faults": published.get("faults", {})}
     workers = worker_rows(engine, settings.worker_lease_seconds) if current else []
     alive = [w for w in workers if w["state"] == "alive"]
     faults = {}
     for worker in alive:
         published = _published(settings.paths.state / worker_status_file(worker["id"]))
+        worker["model"] = published.get("model")
         faults |= {f"{worker['id']}: {part}": fault for part, fault in published.get("faults", {}).items()}
     return {"service": f"{len(alive)} worker(s) running" if alive else "not running", "workers": workers,
             "faults": faults}

@@ -61,6 +61,7 @@ class PathSettings:
     intake: Path
     state: Path
     reports: Path
+    intake_configured: bool = False  # config.toml names another than the default: missing, it is a typo
 
     @property
     def work(self) -> Path:
@@ -154,7 +155,10 @@ def load_settings(path: Path | None = None) -> Settings:
     if values["watcher"]["polling"] and "settle_seconds" not in raw.get("watcher", {}):
         values["watcher"]["settle_seconds"] = POLLING_SETTLE_SECONDS
     base = path.resolve().parent if path else Path.cwd()
-    return _build(values, base, path.resolve() if path else None)
+    # The default intake is made on first start (the quick start, whose config.toml names it);
+    # another one named in the config must already exist.
+    intake_configured = raw.get("paths", {}).get("intake", DEFAULTS["paths"]["intake"]) != DEFAULTS["paths"]["intake"]
+    return _build(values, base, path.resolve() if path else None, intake_configured=intake_configured)
 
 
 def _merge(raw: dict[str, Any], path: Path | None) -> dict[str, dict[str, Any]]:
@@ -191,12 +195,13 @@ def _checked(name: str, value: Any, default: Any, where: Path | str) -> Any:
     return value
 
 
-def _build(values: dict[str, dict[str, Any]], base: Path, source: Path | None) -> Settings:
+def _build(values: dict[str, dict[str, Any]], base: Path, source: Path | None, *, intake_configured: bool) -> Settings:
     paths = values["paths"]
     model = values["model"]
     watcher = values["watcher"]
     return Settings(
-        paths=PathSettings(**{key: _resolve(base, paths[key]) for key in ("intake", "state", "reports")}),
+        paths=PathSettings(**{key: _resolve(base, paths[key]) for key in ("intake", "state", "reports")},
+                           intake_configured=intake_configured),
         database_url=_database_url(values["database"]["url"], base),
         busy_timeout_seconds=values["database"]["busy_timeout_seconds"],
         worker_lease_seconds=values["database"]["worker_lease_seconds"],
@@ -248,9 +253,22 @@ def _database_url(url: str, base: Path) -> str:
         parsed = make_url(url)
     except ArgumentError:
         raise ConfigError(f"[database] url {url!r} is not a SQLAlchemy database URL") from None
+    if parsed.get_backend_name() == "sqlite" and (parsed.host or parsed.port):
+        raise ConfigError(
+            f"[database] url {url!r}: a SQLite URL has no host; write three slashes before a relative path "
+            f"(sqlite:///var/dermwatch.db) and four before an absolute one (sqlite:////srv/dermwatch/dermwatch.db)")
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return url
     return parsed.set(database=str(_resolve(base, parsed.database))).render_as_string(hide_password=False)
+
+
+def check_intake(paths: PathSettings, *, create: bool = False) -> None:
+    """A configured intake folder must exist: watching a new, empty folder named with a typo
+    would look like a quiet day. The default one is made on first start (the quick start)."""
+    if paths.intake_configured and not create and not paths.intake.is_dir():
+        what = "is not a folder" if paths.intake.exists() else "does not exist"
+        raise ConfigError(f"[paths] intake: {paths.intake} {what} (a typo? create it, or start the service once "
+                          "with `dermwatch run --create-intake`)")
 
 
 def ensure_folders(settings: Settings) -> None:

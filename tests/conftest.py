@@ -50,6 +50,7 @@ def flag_everything_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def config_file(tmp_path: Path, tiny_model: Path) -> Path:
     """A config.toml whose folders and database all live under tmp_path."""
     path = tmp_path / "config.toml"
+    (tmp_path / "intake").mkdir()  # as a clinic's IT makes it: a configured intake must exist
     path.write_text(
         f"""
 [paths]

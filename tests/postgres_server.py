@@ -26,7 +26,9 @@ def server_binary(name: str) -> str:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
+        """With ``password``, the user postgres must give it (scram-sha-256), else anyone is trusted."""
+        self.password = password
         # Its own folder under /tmp: pytest's are closed to the postgres user.
         folder = self.folder = Path(tempfile.mkdtemp(prefix="dermwatch-postgres-"))
         self.data, self.socket_dir = folder / "data", folder / "socket"
@@ -35,8 +37,14 @@ class PostgresServer:
         if self.as_user:
             shutil.chown(folder, "postgres")
             shutil.chown(self.socket_dir, "postgres")
-        self._run(server_binary("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                  "--no-sync", "-E", "UTF8")
+        auth = ["--auth=trust"]
+        if password is not None:
+            password_file = folder / "password"
+            password_file.write_text(password + "\n")
+            if self.as_user:
+                shutil.chown(password_file, "postgres")
+            auth = ["--auth=scram-sha-256", f"--pwfile={password_file}"]
+        self._run(server_binary("initdb"), "-D", str(self.data), "-U", "postgres", *auth, "--no-sync", "-E", "UTF8")
         options = f"-c listen_addresses='' -c unix_socket_directories={self.socket_dir} -c fsync=off " \
                   "-c max_connections=200"
         self._run(server_binary("pg_ctl"), "-D", str(self.data), "-o", options, "-w", "-l",
@@ -53,9 +61,11 @@ class PostgresServer:
 
         self.created += 1
         name = f"test_{os.getpid()}_{self.created}"
-        with psycopg.connect(f"host={self.socket_dir} user=postgres dbname=postgres", autocommit=True) as conn:
+        with psycopg.connect(host=str(self.socket_dir), user="postgres", dbname="postgres", password=self.password,
+                             autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql+psycopg://postgres@/{name}?host={self.socket_dir}"
+        user = "postgres" if self.password is None else f"postgres:{self.password}"
+        return f"postgresql+psycopg://{user}@/{name}?host={self.socket_dir}"
 
     def stop(self) -> None:
         self._run(server_binary("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")

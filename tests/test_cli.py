@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,96 @@ def test_database_url_mistakes_are_one_line_naming_the_fix(tmp_path: Path, url: 
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [message]
+
+
+def _run_once(config: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dermwatch", "run", "--config", str(config), *options],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_malformed_sqlite_url_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[database]\nurl = "sqlite://var/dermwatch.db"\n')
+    for command_line in (["run"], ["status"], ["db", "upgrade"]):
+        result = subprocess.run([sys.executable, "-m", "dermwatch", *command_line, "--config", str(config)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [
+            "error: [database] url 'sqlite://var/dermwatch.db': a SQLite URL has no host; write three slashes before "
+            "a relative path (sqlite:///var/dermwatch.db) and four before an absolute one "
+            "(sqlite:////srv/dermwatch/dermwatch.db)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+
+
+@pytest.fixture(scope="module")
+def password_server():
+    from postgres_server import PostgresServer
+
+    server = PostgresServer(password="right-password")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("mistake, refusal", [
+    ("database", 'database "no_such_database" does not exist (create the database'),
+    ("role", 'role "no_such_role" does not exist (create the role'),
+    ("password", 'password authentication failed for user "postgres" (check the user and password in the URL)'),
+])
+def test_run_refuses_a_postgresql_url_mistake_in_one_line(tmp_path: Path, password_server, postgres_server,
+                                                          mistake: str, refusal: str) -> None:
+    # With passwords, an unknown role is also a failed password (the server does not tell which).
+    url = (postgres_server if mistake == "role" else password_server).new_database()
+    url = {"database": re.sub(r"@/[^?]+", "@/no_such_database", url),  # ...://USER[:PASSWORD]@/NAME?host=SOCKET
+           "role": url.replace("postgres@", "no_such_role@"),
+           "password": url.replace("right-password", "wrong-password")}[mistake]
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{url}"\n')
+    for command_line in (["run"], ["report"], ["status"], ["db", "upgrade"]):
+        result = subprocess.run([sys.executable, "-m", "dermwatch", *command_line, "--config", str(config)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, result.stderr
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("error: [database] url: the server refused the connection: ") and refusal in line
+        assert "right-password" not in result.stderr and "wrong-password" not in result.stderr
+
+
+def test_run_waits_out_a_server_that_is_not_there_yet_and_stops_cleanly(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "postgresql+psycopg://postgres@/d?host={tmp_path}"\n')
+    service = subprocess.Popen([sys.executable, "-m", "dermwatch", "run", "--config", str(config)],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        first = service.stderr.readline()
+        assert "waiting for the database before starting: database unavailable: " in first, first
+        service.terminate()
+        assert service.wait(30) == 0
+        assert "Traceback" not in service.stderr.read()
+    finally:
+        service.kill()
+
+
+def test_a_configured_intake_that_does_not_exist_is_refused_unless_asked_to_create_it(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[paths]\nintake = "intkae"\n[model]\npath = "none.tflite"\n')
+    result = _run_once(config)
+    assert result.returncode == 1  # the model is checked first, and nothing is made
+    assert result.stderr.splitlines() == [f"error: model file {tmp_path / 'none.tflite'} does not exist"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+    config.write_text('[paths]\nintake = "intkae"\n')
+    result = _run_once(config)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: [paths] intake: {tmp_path / 'intkae'} does not exist (a typo? create it, or start the service once "
+        "with `dermwatch run --create-intake`)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+    service = subprocess.Popen([sys.executable, "-m", "dermwatch", "run", "--config", str(config), "--create-intake"],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        for line in service.stderr:
+            if "watching" in line:
+                break
+        assert (tmp_path / "intkae").is_dir()
+        service.terminate()
+        assert service.wait(30) == 0
+    finally:
+        service.kill()

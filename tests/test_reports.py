@@ -6,8 +6,10 @@ import csv
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time as clock
 from datetime import date, datetime, time, timedelta, timezone
 from html import unescape as html_unescape
@@ -492,6 +494,42 @@ def test_failed_alert_is_kept_and_retried(config_file: Path, tmp_path: Path) -> 
     finally:
         controller.stop()
     assert len(inbox.messages) == 1
+
+
+def test_an_alert_that_keeps_failing_is_a_fault_in_status_until_it_goes_out(
+        config_file: Path, tmp_path: Path, tiny_model: Path, flag_everything_model: Path, start_service) -> None:
+    """A command that is not there cannot be cured by retrying: `status` shows it with its error
+    (and the count); once the configuration is mended (SIGHUP), the alert goes out and the fault clears."""
+    out = tmp_path / "alerted.txt"
+    good = config_file.read_text().replace(str(tiny_model), str(flag_everything_model))
+    config_file.write_text(good + """
+[alerts]
+command = "/nonexistent/page-the-dermatologist"
+retry_minutes = 0.01
+""")
+    settings = load_settings(config_file)
+    service = start_service()
+    write_jpeg(settings.paths.intake / "back.jpg", seed=61)
+
+    def status() -> dict:
+        return json.loads(subprocess.run([sys.executable, "-m", "dermwatch", "status", "--json", "--config",
+                                          str(config_file)], capture_output=True, text=True, timeout=60).stdout)
+
+    wait_until(lambda: "alert delivery" in status()["faults"], 60, "the failing alert shown as a fault")
+    shown = status()
+    assert shown["alerts_failing"] == 1 and "/nonexistent/page-the-dermatologist" in shown["alert_error"]
+    assert "1 alert(s) not delivered" in shown["faults"]["alert delivery"]["message"]
+    assert "No such file or directory" in shown["faults"]["alert delivery"]["message"]
+
+    config_file.write_text(good + f"""
+[alerts]
+command = "sh -c 'echo $DERMWATCH_FILE_NAME > {out}'"
+retry_minutes = 0.01
+""")
+    service.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: out.exists() and status()["faults"] == {}, 60, "the alert sent and the fault cleared")
+    assert out.read_text() == "back.jpg\n" and status()["alerts_failing"] == 0
+    assert service.stop() == 0
 
 
 def test_alert_command_gets_the_facts_in_its_environment(config_file: Path, tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ def test_a_bad_file_left_in_work_by_a_crash_cannot_stop_the_restart(config_file:
 
 def test_unreadable_file_and_unwritable_folder_do_not_stop_the_service(start_service, settings: Settings) -> None:
     intake = settings.paths.intake
-    intake.mkdir(parents=True)
+    intake.mkdir(parents=True, exist_ok=True)
     locked_folder = intake / "locked"
     write_jpeg(locked_folder / "stuck.jpg", seed=5)
     locked_folder.chmod(0o555)  # the service may list it, not move files out of it
@@ -109,6 +109,11 @@ def test_unreadable_file_and_unwritable_folder_do_not_stop_the_service(start_ser
     assert "cannot take it out of the intake folder (Permission denied); it stays there" in reasons["stuck.jpg"]
     assert totals(settings)["quarantined"] == 2
     assert (locked_folder / "stuck.jpg").is_file()
+    # Its rights mended, it is taken and counted once: classified, its old record withdrawn.
+    service = start_service(prefix=without_file_permission_override())
+    wait_until(lambda: totals(settings)["predictions"] == 6, 60, "the mended file classified")
+    assert service.stop() == 0
+    assert totals(settings)["quarantined"] == 1 and totals(settings)["sightings"] == 6
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="simulating a full disk mounts a small tmpfs, which needs root")
@@ -165,6 +170,27 @@ def test_a_database_locked_past_the_busy_timeout_is_waited_out(config_file: Path
     wait_until(lambda: totals(settings)["predictions"] == 8, 90, "the backlog cleared once the lock was gone")
     wait_until(lambda: status_json(config_file)["faults"] == {}, 10, "status clear again")
     assert service.stop() == 0 and left_over(settings) == []
+
+
+def test_status_shows_a_database_lock_at_once_not_only_after_the_busy_timeout(config_file: Path,
+                                                                            start_service) -> None:
+    """With the default busy_timeout (30 s) a write waits that long inside one call; `status`
+    shows the hold-up within seconds anyway."""
+    settings = load_settings(config_file)
+    assert settings.busy_timeout_seconds == 30
+    service = start_service()
+    locker = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"), isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        drop(settings.paths.intake, "while-locked.jpg", seed=49)
+        wait_until(lambda: "intake" in status_json(config_file)["faults"], 25, "the hold-up in status, before 30 s")
+        assert "storing 1 arrival(s) in the database" in status_json(config_file)["faults"]["intake"]["message"]
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    wait_until(lambda: totals(settings)["predictions"] == 1, 60, "stored once the lock was gone")
+    wait_until(lambda: status_json(config_file)["faults"] == {}, 10, "status clear again")
+    assert service.stop() == 0
 
 
 def test_a_second_service_on_the_same_installation_refuses_at_once(config_file: Path, start_service) -> None:
@@ -281,8 +307,10 @@ def test_status_line_and_log_priorities_under_systemd(tmp_path: Path, config_fil
     assert any(line.startswith("<6>") for line in lines)
 
 
-def test_a_subfolder_the_service_cannot_list_is_reported_not_skipped_in_silence(start_service,
+def test_a_subfolder_the_service_cannot_list_is_reported_not_skipped_in_silence(start_service, config_file: Path,
                                                                                settings: Settings) -> None:
+    """A fault in `status` (and one log line, not one per scan) until its rights are mended;
+    then the files in it are taken."""
     hidden = settings.paths.intake / "closed"
     write_jpeg(hidden / "inside.jpg", seed=70)
     hidden.chmod(0o000)
@@ -290,9 +318,15 @@ def test_a_subfolder_the_service_cannot_list_is_reported_not_skipped_in_silence(
         service = start_service(prefix=without_file_permission_override())
         drop(settings.paths.intake, "open.jpg", seed=71)
         wait_until(lambda: totals(settings)["predictions"] == 1, 30, "the reachable image")
+        wait_until(lambda: "intake folders" in status_json(config_file)["faults"], 30, "the folder shown in status")
+        message = status_json(config_file)["faults"]["intake folders"]["message"]
+        assert message.startswith(f"cannot look into {hidden} (Permission denied)")
         time.sleep(2.5)  # a rescan or two: one log line, not one per scan
-        assert service.stop() == 0
     finally:
         hidden.chmod(0o755)
+    wait_until(lambda: totals(settings)["predictions"] == 2, 30, "the image in the mended folder taken")
+    wait_until(lambda: status_json(config_file)["faults"] == {}, 30, "the fault cleared")
+    assert service.stop() == 0
     log = service.log_path.read_text()
-    assert log.count(f"cannot look into {hidden} (Permission denied)") == 1
+    assert log.count(f"ERROR dermwatch.watcher.health: intake folders: cannot look into {hidden} (Perm") == 1
+    assert "intake folders: working again" in log

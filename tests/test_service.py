@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,6 +188,76 @@ def test_sigterm_mid_burst_exits_zero_and_leaves_nothing_half_done(start_service
     assert list(settings.paths.work.iterdir()) == []
     assert sum(1 for _ in settings.paths.archive.rglob("*.jpg")) == done
     assert len(list(settings.paths.intake.iterdir())) == 60 - done
+
+
+def _status(config_file: Path) -> dict:
+    return json.loads(subprocess.run([sys.executable, "-m", "dermwatch", "status", "--json", "--config",
+                                      str(config_file)], capture_output=True, text=True, timeout=60).stdout)
+
+
+def _flagged(settings: Settings) -> int:
+    return totals(settings)["flagged"]
+
+
+def test_a_new_model_reaches_the_running_service_without_a_restart(
+        start_service, config_file: Path, tiny_model: Path, flag_everything_model: Path, tmp_path: Path) -> None:
+    """Copying a new model and card over the configured ones, as IT would: a card that does not
+    match its file is a fault and the loaded model goes on; a matching pair is taken up by the
+    same process within seconds, threshold and all, with nothing in hand lost."""
+    model = tmp_path / "models" / "clinic.tflite"
+    model.parent.mkdir()
+    for source, target in ((tiny_model, model), (tiny_model.with_suffix(".json"), model.with_suffix(".json"))):
+        shutil.copyfile(source, target)
+    config_file.write_text(config_file.read_text().replace(str(tiny_model), str(model)))
+    settings = load_settings(config_file)
+    service = start_service()
+    drop(settings.paths.intake, "before.jpg", seed=1)
+    wait_until(lambda: totals(settings)["predictions"] == 1, 60, "the first image classified")
+    assert _flagged(settings) == 0 and _status(config_file)["threshold"] == 0.5
+    assert _status(config_file)["service_model"].startswith("tiny-test-model test ")
+
+    card = json.loads(flag_everything_model.with_suffix(".json").read_text())
+    model.with_suffix(".json").write_text(json.dumps({**card, "sha256": "0" * 64}))
+    wait_until(lambda: "model" in _status(config_file)["faults"], 30, "a card that does not match shown as a fault")
+    assert "cannot be used" in _status(config_file)["faults"]["model"]["message"]
+    drop(settings.paths.intake, "during.jpg", seed=2)
+    wait_until(lambda: totals(settings)["predictions"] == 2, 60, "classified by the loaded model meanwhile")
+    assert _flagged(settings) == 0
+
+    shutil.copyfile(flag_everything_model, model)
+    model.with_suffix(".json").write_text(json.dumps({**card, "version": "2"}))
+    wait_until(lambda: _status(config_file)["service_model"].startswith("tiny-test-model 2 "), 60,
+               "the service on the new model")
+    assert _status(config_file)["threshold"] == 1e-6
+    drop(settings.paths.intake, "after.jpg", seed=3)
+    wait_until(lambda: _flagged(settings) == 1, 60, "the next image judged by the new model")
+    assert service.process.poll() is None  # the same process: systemd sees RELOADING=1, then READY=1
+    service.statuses()  # reads every message sent so far
+    lines = [line for message in service.messages for line in message.split("\n")]
+    assert "RELOADING=1" in lines and lines.count("READY=1") == 2
+    assert _status(config_file)["faults"] == {}
+    assert service.stop() == 0
+    assert totals(settings)["sightings"] == 3
+
+
+def test_sighup_reads_the_configuration_again_and_a_mistake_leaves_the_service_as_it_was(
+        start_service, config_file: Path, settings: Settings, tiny_model: Path, flag_everything_model: Path) -> None:
+    service = start_service()
+    good = config_file.read_text()
+    readable = config_file.with_name("readable.toml")  # for `status` while config.toml has a mistake
+    readable.write_text(good)
+    config_file.write_text(good.replace("[watcher]", "[images]\nmax_pixels = \"many\"\n[watcher]"))
+    service.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload" in _status(readable)["faults"], 30, "the mistake shown as a fault")
+    assert "max_pixels" in _status(readable)["faults"]["reload"]["message"]
+    drop(settings.paths.intake, "meanwhile.jpg", seed=4)
+    wait_until(lambda: totals(settings)["predictions"] == 1, 60, "still classifying on the old settings")
+
+    config_file.write_text(good.replace(str(tiny_model), str(flag_everything_model)))
+    service.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: _status(config_file)["threshold"] == 1e-6, 30, "started over with the new model path")
+    assert _status(config_file)["faults"] == {} and service.process.poll() is None
+    assert service.stop() == 0
 
 
 def test_run_refuses_to_start_without_a_model(tmp_path: Path) -> None:

@@ -16,19 +16,21 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import numpy as np
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dermwatch.config import PathSettings, Settings, ensure_folders
+from dermwatch.config import PathSettings, Settings, check_intake, ensure_folders
 from dermwatch.errors import RejectedImage, as_transient
 from dermwatch.labels import CLASS_NAMES, MELANOMA
+from dermwatch.modelcard import load_card, shipped_model_path
 from dermwatch.permissions import process_umask
 from dermwatch.pipeline.claim import (
     PLACED_NAME_MAX,
@@ -47,15 +49,19 @@ from dermwatch.pipeline.lanes import Lanes, open_lanes
 from dermwatch.pipeline.names import display_name, fitted_name, name_bytes
 from dermwatch.pipeline.regular_file import open_regular
 from dermwatch.pipeline.sidecar import read_sidecar
-from dermwatch.pipeline.workers import Membership, cooperative
+from dermwatch.pipeline.workers import LeaseLost, Membership, cooperative, worker_session_name
 from dermwatch.site.threshold import threshold_in_force
-from dermwatch.store.db import ensure_schema, make_engine, session_scope
+from dermwatch.store.db import check_url, ensure_schema, make_engine, session_scope
 from dermwatch.store.models import Alert, Image, Prediction, Rejection, Sighting, probability_column, utc_now
 
 log = logging.getLogger(__name__)
 
 # The bulk inserts of a batch go through the tables, not the ORM: half the CPU per row.
 IMAGES, PREDICTIONS, SIGHTINGS, ALERTS = Image.__table__, Prediction.__table__, Sighting.__table__, Alert.__table__
+#: What a step does when it is not storing: shown if it is held up (watcher/health.py, StallWatch).
+IN_A_STEP = "reading, classifying or moving files"
+#: How the rejection of a file that could not be moved out of intake begins.
+UNMOVABLE = "cannot take it out of the intake folder"
 #: Claim tokens looked up in one query when resuming arrivals after a crash.
 RECORDED_LOOKUP = 500
 
@@ -98,8 +104,6 @@ class Processor:
                  membership: Membership | None = None) -> None:
         self.paths = paths
         self.membership = membership  # PostgreSQL: this process among several workers
-        # Claims go to a worker's own folder when several share the state folder.
-        self.work_dir = membership.work_dir if membership else paths.work
         self.alert_channels = alert_channels
         self.engine = engine
         self.sessions = sessionmaker(engine, expire_on_commit=False)
@@ -109,18 +113,36 @@ class Processor:
         self.batch_size = batch_size  # arrivals stored in one transaction
         self.zone = zone  # archive folders are named by the site's local date
         self.umask = process_umask()
+        self.doing = IN_A_STEP  # what holds it up, if something does (watcher/health.py, StallWatch)
+        self.unmovable = _unmovable_recorded(engine)  # intake paths recorded as "cannot take it out"
 
     def close(self) -> None:
         self.lanes.close()
         self.engine.dispose()
 
+    @contextmanager
+    def _doing(self, what: str) -> Iterator[None]:
+        self.doing = what
+        try:
+            yield
+        finally:
+            self.doing = IN_A_STEP
+
+    @property
+    def work_dir(self) -> Path:
+        """Where claims go: state/work/, or on PostgreSQL this worker's own folder in it."""
+        return self.membership.work_dir if self.membership else self.paths.work
+
     def claim(self, path: Path) -> Claimed | None:
         """Take ``path`` into state/work/; None if it vanished or cannot be moved (recorded once)."""
         try:
-            return claim(path, self.work_dir)
+            claimed = claim(path, self.work_dir)
         except Unmovable as error:
             self._record_unmovable(path, str(error))
             return None
+        if claimed is not None and self.unmovable and display_name(str(path)) in self.unmovable:
+            self._withdraw_unmovable(display_name(str(path)))
+        return claimed
 
     def leftovers(self) -> list[Claimed]:
         """Arrivals an interrupted run left in state/work/, to be resumed."""
@@ -189,6 +211,8 @@ class Processor:
             return []
         try:
             outcomes, stored, failed = self._commit(arrivals)
+        except LeaseLost:
+            raise  # taken over while silent: none of this batch is this worker's to record
         except Exception as error:  # noqa: BLE001 - sorted by _blame, after finding whose fault it is
             transient = as_transient(error)
             if transient is not None:
@@ -217,7 +241,10 @@ class Processor:
         """
         card = self.card
         now = utc_now()
-        with session_scope(self.sessions) as session:
+        with self._doing(f"storing {len(arrivals)} arrival(s) in the database (locked or unreachable?)"), \
+                session_scope(self.sessions) as session:
+            if self.membership is not None:
+                self.membership.confirm(session)  # first, so a taken-over worker stores nothing
             # Asked in the same transaction: a site calibration takes effect with the next batch.
             threshold = threshold_in_force(session, card).value
             known = _known_images(session, {a.sha256 for a in arrivals}, card.sha256)
@@ -334,7 +361,7 @@ class Processor:
             size: int | None = path.lstat().st_size
         except OSError:
             size = None
-        reason = (f"cannot take it out of the intake folder ({why}); it stays there: give the service's "
+        reason = (f"{UNMOVABLE} ({why}); it stays there: give the service's "
                   "user write access to its folder and read access to the file")
         with session_scope(self.sessions) as session:
             known = session.scalar(
@@ -343,8 +370,22 @@ class Processor:
             )
             if known is None:
                 session.add(rejection(new_token(), path.name, reason, shown, size=size))
+        self.unmovable.add(shown)
         if known is None:
             log.error("%s: %s", shown, reason)
+
+    def _withdraw_unmovable(self, shown: str) -> None:
+        """A file once recorded as unmovable was taken after all (its rights were mended): its
+        fate is now the pipeline's, so the old record goes, or the file would count twice."""
+        try:
+            with session_scope(self.sessions) as session:
+                session.execute(delete(Rejection).where(Rejection.quarantine_path == shown,
+                                                        Rejection.reason.startswith(UNMOVABLE)))
+        except Exception as error:  # noqa: BLE001 - the file is in hand: never lose it over a stale record
+            log.warning("%s: taken now, but its earlier record as unmovable stays (%s)", shown, error)
+            return
+        self.unmovable.discard(shown)
+        log.info("%s: taken after all; its record as unmovable is withdrawn", shown)
 
     def _archive(self, item: Claimed, sha256: str, received_at: datetime) -> None:
         target = self.archive_target(item.original_name, sha256, received_at)
@@ -366,20 +407,40 @@ class Processor:
         return self.paths.archive / day / archive_name(sha256, original_name)
 
 
+def check_settings(settings: Settings, *, create_intake: bool = False) -> None:
+    """What can be checked before anything is created, so that a mistake in the settings is one
+    line and leaves nothing behind: the model and its card, the database URL's type and driver,
+    the intake folder."""
+    load_card(settings.model.path or shipped_model_path())
+    check_url(settings.database_url)
+    check_intake(settings.paths, create=create_intake)
+
+
 def open_processor(settings: Settings) -> Processor:
-    """Check the database, load the model, create the folders: what `run` and `process` share.
+    """Create the folders, open the database and load the model: what `run` and `process` share,
+    after check_settings.
 
     On PostgreSQL the processor joins the workers (``processor.membership``) and claims into
     its own folder of state/work/.
     """
-    engine = make_engine(settings.database_url, settings.busy_timeout_seconds)
-    ensure_schema(engine)
-    lanes = open_lanes(settings.model.path, settings.model.threads)
     ensure_folders(settings)
+    engine = make_engine(settings.database_url, settings.busy_timeout_seconds,
+                         session_name=worker_session_name() if cooperative(settings.database_url) else None)
+    try:
+        ensure_schema(engine)
+        lanes = open_lanes(settings.model.path, settings.model.threads)
+    except BaseException:
+        engine.dispose()
+        raise
     membership = Membership(engine, settings.paths.work, settings.worker_lease_seconds) \
         if cooperative(settings.database_url) else None
     return Processor(settings.paths, engine, lanes, settings.max_pixels, settings.model.batch_size,
                      settings.alerts.channels, settings.reports.timezone, membership)
+
+
+def _unmovable_recorded(engine: Engine) -> set[str]:
+    with engine.connect() as connection:
+        return set(connection.scalars(select(Rejection.quarantine_path).where(Rejection.reason.startswith(UNMOVABLE))))
 
 
 def _blame(error: Exception) -> str:

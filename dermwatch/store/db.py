@@ -17,10 +17,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dermwatch.errors import DatabaseError
+from dermwatch.errors import DatabaseError, DermwatchError, TransientFault
 
 #: What each SQLAlchemy back-end needs installed, for the message when it is missing.
 _DRIVER_HINTS = {
@@ -28,15 +28,18 @@ _DRIVER_HINTS = {
 }
 
 
-def make_engine(url: str, busy_timeout_seconds: float = 30.0, *, create: bool = True) -> Engine:
+def make_engine(url: str, busy_timeout_seconds: float = 30.0, *, create: bool = True,
+                session_name: str | None = None) -> Engine:
     """An engine for ``url``; for a SQLite file, create its folder and turn on WAL.
 
     With ``create=False`` a SQLite file that does not exist is an error instead: commands
-    that only look (status, report) never set up an installation by accident.
+    that only look (status, report) never set up an installation by accident. A server's
+    sessions carry ``session_name`` as their application_name (pipeline/workers.py).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return _checked_engine(url, pool_pre_ping=True)
+        named = {"connect_args": {"application_name": session_name}} if session_name else {}
+        return _checked_engine(url, pool_pre_ping=True, **named)
     if parsed.database not in (None, "", ":memory:"):
         database = Path(parsed.database)
         if not create and not database.exists():
@@ -61,6 +64,40 @@ def make_engine(url: str, busy_timeout_seconds: float = 30.0, *, create: bool = 
         cursor.close()
 
     return engine
+
+
+def check_url(url: str) -> None:
+    """The URL's database type and driver, checked without connecting or creating anything."""
+    _checked_engine(url).dispose()
+
+
+#: Refusals by a server that is there but cannot take a connection yet: waited out.
+_BUSY_SERVER = ("the database system is", "too many connections", "remaining connection slots")
+#: What to do about each refusal that is a mistake in the settings, not a passing fault.
+_REFUSAL_HINTS = {
+    "password authentication failed": "check the user and password in the URL",
+    "Peer authentication failed": "peer authentication: run dermwatch as the operating-system user that the URL "
+                                  "names (runuser -u NAME -- dermwatch ...), or give it a password",
+    "no pg_hba.conf entry": "allow this user, database and host in the server's pg_hba.conf",
+    "role": "create the role (as the postgres user: createuser NAME)",
+    "database": "create the database (as the postgres user: createdb -O ROLE NAME)",
+}
+
+
+def connection_problem(error: OperationalError) -> DermwatchError:
+    """A failed connection as one line: a mistake in [database] url (the server refused it:
+    unknown database or role, wrong password) or a passing fault (no server there yet, busy)."""
+    detail = " ".join(str(error.orig or error).split())
+    if "FATAL:" in detail:
+        refusal = detail.partition("FATAL:")[2].strip()
+        if any(busy in refusal for busy in _BUSY_SERVER):
+            return TransientFault(f"database unavailable: {refusal}")
+        hint = next((hint for key, hint in _REFUSAL_HINTS.items() if key in refusal), "")
+        return DatabaseError(f"[database] url: the server refused the connection: {refusal}"
+                             + (f" ({hint})" if hint else ""))
+    if "unable to open database file" in detail:
+        return DatabaseError(f"[database] url: cannot open the SQLite file: {detail}")
+    return TransientFault(f"database unavailable: {detail}")
 
 
 def _checked_engine(url: str, **options) -> Engine:
@@ -98,6 +135,8 @@ def current_revision(engine: Engine) -> str | None:
     try:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
+    except OperationalError as error:
+        raise connection_problem(error) from None
     except SQLAlchemyError as error:
         detail = getattr(error, "orig", None) or error
         raise DatabaseError(f"cannot open the database: {error.__class__.__name__}: {detail}") from None
@@ -138,13 +177,16 @@ def ensure_schema(engine: Engine) -> None:
     A new database is set up on first start so that the service runs on its defaults;
     an existing one is never migrated behind the operator's back.
     """
-    with _schema_lock(engine):
-        current = current_revision(engine)
-        if current == head_revision():
-            return
-        if current is None and not inspect(engine).get_table_names():
-            upgrade(engine)
-            return
+    try:
+        with _schema_lock(engine):
+            current = current_revision(engine)
+            if current == head_revision():
+                return
+            if current is None and not inspect(engine).get_table_names():
+                upgrade(engine)
+                return
+    except OperationalError as error:
+        raise connection_problem(error) from None
     raise DatabaseError(
         f"database schema is at revision {current or 'none'}, this version needs {head_revision()}: "
         "run `dermwatch db upgrade` (back up the database first)"

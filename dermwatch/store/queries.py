@@ -62,11 +62,14 @@ def _looks_like_sha256(text: str) -> bool:
     return len(text) >= MIN_SHA256_PREFIX and all(c in "0123456789abcdef" for c in text)
 
 
-def alert_counts(engine: Engine) -> dict[str, int]:
-    """Alerts not yet sent, and how many of those have failed at least once."""
+def alert_counts(engine: Engine) -> dict[str, int | str | None]:
+    """Alerts not yet sent, how many of those failed their last try, and the newest error."""
     with engine.connect() as connection:
         unsent = select(func.count()).select_from(Alert).where(Alert.sent_at.is_(None))
+        failing = Alert.sent_at.is_(None) & Alert.last_error.is_not(None)
         return {
             "alerts_queued": int(connection.scalar(unsent) or 0),
-            "alerts_failing": int(connection.scalar(unsent.where(Alert.attempts > 0)) or 0),
+            "alerts_failing": int(connection.scalar(select(func.count()).select_from(Alert).where(failing)) or 0),
+            "alert_error": connection.scalar(select(Alert.last_error).where(failing)
+                                             .order_by(Alert.next_attempt_at.desc()).limit(1)),
         }

@@ -22,6 +22,7 @@ from dermwatch.reports.pictures import RenderInterrupted
 from dermwatch.reports.render import Reporter
 from dermwatch.site.changes import site_state
 from dermwatch.store.models import utc_now
+from dermwatch.store.queries import alert_counts
 from dermwatch.watcher.health import Backoff, Health
 from dermwatch.watcher.schedule import ReportSchedule, rendered_times
 
@@ -117,3 +118,15 @@ class AlertWorker(_Worker):
     def round(self) -> None:
         send_pending(self.engine, self.settings.alerts, self.settings.reports.site_name,
                      self.settings.reports.timezone)
+        self._show_failing()
+
+    def _show_failing(self) -> None:
+        """Alerts whose last try failed are a fault in `status` until they go out: a failure that
+        retrying cannot cure (a wrong address, a command that is not there) needs a person."""
+        state = alert_counts(self.engine)
+        if state["alerts_failing"]:
+            retry = self.settings.alerts.retry_minutes
+            self.health.failing("alert delivery", f"{state['alerts_failing']} alert(s) not delivered, tried again "
+                                f"every {retry:g} min; last error: {state['alert_error']}", retry * 60)
+        else:
+            self.health.recovered("alert delivery")

@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -36,13 +38,21 @@ class Fault:
     retry_in: float  # seconds
 
 
+#: A service loop turn longer than this is shown as a fault: a step takes at most a few seconds.
+STALL_SECONDS = 10.0
+
+
 class Health:
-    def __init__(self, status_file: str = STATUS_FILE) -> None:
+    def __init__(self, status_file: str = STATUS_FILE, model: str = "") -> None:
         self.status_file = status_file
+        self.model = model  # the model this process classifies with, for `status`
         self._faults: dict[str, Fault] = {}
         self._warnings: dict[str, str] = {}  # not faults: the service works, but someone should look
         self._lock = threading.Lock()
         self._status_fd: int | None = None
+        self._write_lock = threading.Lock()  # the loop and the StallWatch both publish
+        self.looped_at = time.monotonic()  # the service loop's last turn
+        self.line = "starting"  # its last status line
 
     def failing(self, part: str, message: str, retry_in: float) -> None:
         with self._lock:
@@ -91,10 +101,16 @@ class Health:
             "pid": os.getpid(),
             "updated_at": utc_now().isoformat(timespec="seconds"),
             "status": status_line[:2000],
+            "model": self.model,
             "faults": {part: {"message": f.message[:1000], "since": f.since.isoformat(timespec="seconds")}
                        for part, f in self.faults().items()},
         }
         data = json.dumps(document).encode()[:STATUS_FILE_BYTES - 1]
+        self.line = status_line
+        with self._write_lock:
+            self._write(state_dir, data)
+
+    def _write(self, state_dir: Path, data: bytes) -> None:
         try:
             if self._status_fd is None:
                 self._status_fd = os.open(state_dir / self.status_file, os.O_RDWR | os.O_CREAT, 0o666)
@@ -107,6 +123,24 @@ class Health:
         if self._status_fd is not None:
             os.close(self._status_fd)
             self._status_fd = None
+
+
+class StallWatch(threading.Thread):
+    """Shows at once when the service loop is held up inside one call, which it cannot say
+    itself while it waits: a write waiting busy_timeout_seconds for a locked database, a hung
+    network share. Only the loop feeds systemd's watchdog; this only publishes."""
+
+    def __init__(self, health: Health, state_dir: Path, stop: threading.Event,
+                 doing: Callable[[], str]) -> None:
+        super().__init__(name="stall watch", daemon=True)
+        self.health, self.state_dir, self.stop, self.doing = health, state_dir, stop, doing
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            held = time.monotonic() - self.health.looped_at
+            if held >= STALL_SECONDS:
+                self.health.failing("intake", f"no progress for over {STALL_SECONDS:.0f} s: {self.doing()}", 0)
+                self.health.publish(self.state_dir, self.health.line)
 
 
 class Backoff:

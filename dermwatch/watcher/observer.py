@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from watchdog.events import (
@@ -23,10 +23,6 @@ from watchdog.observers.polling import PollingObserver
 from dermwatch.pipeline.claim import is_taken, iter_candidates
 from dermwatch.pipeline.names import display_name
 from dermwatch.watcher.settle import SettleTracker
-
-log = logging.getLogger(__name__)
-_reported: set[str] = set()  # unlistable folders already logged
-
 
 #: The events the tracker learns from; the rest (folder changes among them) are not even dispatched.
 HANDLED_EVENTS = [FileMovedEvent, FileOpenedEvent, FileClosedEvent, FileClosedNoWriteEvent, FileCreatedEvent,
@@ -102,21 +98,29 @@ def _arrivals_observer() -> BaseObserver:
     return observer
 
 
-def scan(intake: Path, tracker: SettleTracker) -> int:
-    """Report every image and sidecar under ``intake``; return how many there are.
+@dataclass
+class ScanResult:
+    found: int = 0  # images and sidecars under intake
+    unlistable: dict[str, str] = field(default_factory=dict)  # folder the service may not list -> why
 
-    A subfolder the service may not list is logged (once per folder), not skipped in silence.
-    """
-    found = 0
-    for path in iter_candidates(intake, sidecars=True, on_error=_unlistable):
+    def fault(self) -> str | None:
+        """For `status`: files in these folders are not taken until someone mends their rights."""
+        if not self.unlistable:
+            return None
+        folders = "; ".join(f"{folder} ({why})" for folder, why in sorted(self.unlistable.items()))
+        return f"cannot look into {folders}: files there are not taken until the service's user may list and " \
+               "write the folder"
+
+
+def scan(intake: Path, tracker: SettleTracker) -> ScanResult:
+    """Report every image and sidecar under ``intake`` to the tracker, and the subfolders it may
+    not list (not skipped in silence)."""
+    result = ScanResult()
+
+    def unlistable(error: OSError) -> None:
+        result.unlistable[display_name(str(error.filename))] = error.strerror or type(error).__name__
+
+    for path in iter_candidates(intake, sidecars=True, on_error=unlistable):
         tracker.discovered(path)
-        found += 1
-    return found
-
-
-def _unlistable(error: OSError) -> None:
-    folder = display_name(str(error.filename))
-    if folder not in _reported:
-        _reported.add(folder)
-        log.error("cannot look into %s (%s): files in it are not taken until the service's user may "
-                  "list and write that folder", folder, error.strerror)
+        result.found += 1
+    return result

@@ -1,9 +1,10 @@
 """`dermwatch run`: the long-running service loop.
 
-Start-up order: the installation's lock, database schema, model, folders, the observer and
-a first scan, then READY=1; arrivals an interrupted run left in state/work/ are finished
-first. On SIGTERM or SIGINT the batch in hand is finished and committed, and the process
-exits 0.
+Start-up order: the settings checked (model, database URL, intake), the installation's lock,
+folders, database schema, model, the observer and a first scan, then READY=1; arrivals an
+interrupted run left in state/work/ are finished first. On SIGTERM or SIGINT the batch in
+hand is finished and committed, and the process exits 0. A new model file or SIGHUP makes
+it finish the same way and start over with the new model and settings (watcher/reload.py).
 
 Nothing that happens to one file, and no passing fault (full disk, locked or unreachable
 database), ends the loop: a file's fault is that file's fate, and a passing fault leaves the
@@ -17,7 +18,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -27,15 +28,16 @@ from dermwatch.config import Settings
 from dermwatch.errors import TransientFault, as_transient
 from dermwatch.pipeline.claim import Claimed, is_sidecar
 from dermwatch.pipeline.late_sidecar import settle_sidecar
-from dermwatch.pipeline.process import Processor, open_processor
-from dermwatch.pipeline.workers import Membership, cooperative
+from dermwatch.pipeline.process import Processor, check_settings, open_processor
+from dermwatch.pipeline.workers import LeaseLost, Membership, beat_seconds, cooperative
 from dermwatch.store.db import make_engine
 from dermwatch.store.queries import counts
 from dermwatch.watcher.background import AlertWorker, ReportWorker
-from dermwatch.watcher.health import STATUS_FILE, Backoff, Health, worker_status_file
+from dermwatch.watcher.health import STATUS_FILE, Backoff, Health, StallWatch, worker_status_file
 from dermwatch.watcher.instance import InstanceLock
 from dermwatch.watcher.notify import Notifier
 from dermwatch.watcher.observer import scan, start_observer
+from dermwatch.watcher.reload import Reload
 from dermwatch.watcher.settle import SettleTracker
 
 log = logging.getLogger(__name__)
@@ -57,21 +59,36 @@ SIDECAR_RECHECK_SECONDS = 1.0
 STATUS_BUSY_TIMEOUT_SECONDS = 1.0
 
 
-def run_service(settings: Settings) -> None:
+def run_service(settings: Settings, reread: Callable[[], Settings], *, create_intake: bool = False) -> None:
+    """Run until SIGTERM or SIGINT, starting over (same process) whenever a new model or SIGHUP
+    brings new settings; ``reread`` reads the configuration again."""
+    check_settings(settings, create_intake=create_intake)
+    while settings is not None:
+        settings = _run_once(settings, reread)
+
+
+def _run_once(settings: Settings, reread: Callable[[], Settings]) -> Settings | None:
+    """One run on ``settings`` (already checked); the settings to start over with, or None."""
     stop = threading.Event()
-    _on_signals(stop)
+    reload = Reload(settings, reread)  # before the model is loaded: a change from then on is seen
+    _on_signals(stop, reload.requested)
     # SQLite: one service per installation. PostgreSQL: any number of workers, each in its own
     # state/work/ folder (pipeline/workers.py).
     lock = None if cooperative(settings.database_url) else InstanceLock(settings)
     notifier = Notifier()
-    processor = open_processor(settings)
+    processor = _open_when_reachable(settings, notifier, stop)
+    if processor is None:  # stopped while waiting for the database
+        notifier.close()
+        if lock is not None:
+            lock.release()
+        return None
     membership = processor.membership
-    health = Health(worker_status_file(membership.id) if membership else STATUS_FILE)
+    health = Health(worker_status_file(membership.id) if membership else STATUS_FILE, processor.card.display)
     intake = Intake(settings, processor, health, stop)
     status_engine = make_engine(settings.database_url, STATUS_BUSY_TIMEOUT_SECONDS)
 
     observer = start_observer(settings.paths.intake, intake.tracker, polling=settings.watcher.polling)
-    found = scan(settings.paths.intake, intake.tracker)
+    found = intake.scan()
     log.info("watching %s (%s); %d file(s) waiting", settings.paths.intake,
              "polling" if settings.watcher.polling else "inotify", found)
     workers = [ReportWorker(settings, processor.engine, stop, health)]
@@ -80,16 +97,19 @@ def run_service(settings: Settings) -> None:
     if membership is None:
         for worker in workers:
             worker.start()
+    stall_watch = StallWatch(health, settings.paths.state, stop, lambda: processor.doing)
+    stall_watch.start()
     notifier.send(READY="1", STATUS=f"watching {settings.paths.intake}")
 
-    heartbeat = min(notifier.watchdog_interval() or 10.0, 10.0, settings.worker_lease_seconds / 3)
+    heartbeat = min(notifier.watchdog_interval() or 10.0, beat_seconds(settings.worker_lease_seconds))
     next_scan = time.monotonic() + settings.watcher.rescan_seconds
     next_beat = 0.0
+    start_over: Settings | None = None
     try:
         while not stop.is_set():
-            now = time.monotonic()
+            now = health.looped_at = time.monotonic()
             if now >= next_scan:
-                scan(settings.paths.intake, intake.tracker)
+                intake.scan()
                 next_scan = now + settings.watcher.rescan_seconds
             if now >= next_beat:
                 for thread in (observer, *(w for w in workers if w.ident is not None)):
@@ -101,6 +121,10 @@ def run_service(settings: Settings) -> None:
                 notifier.send(WATCHDOG="1", STATUS=line)
                 health.publish(settings.paths.state, line)
                 next_beat = now + heartbeat
+                start_over = reload.due(health)
+                if start_over is not None:
+                    log.info("%s: finishing the image in hand, then starting over", reload.reason)
+                    break
             # A step ends in time for the next heartbeat: a worker busy with a burst must
             # still renew its lease, or another would take over the files in its hands.
             if intake.step(until=min(next_beat, now + STEP_SECONDS)):
@@ -108,10 +132,14 @@ def run_service(settings: Settings) -> None:
             intake.tracker.changed.wait(TICK_SECONDS)
             intake.tracker.changed.clear()
     finally:
-        notifier.send(STOPPING="1", STATUS="stopping")
+        if start_over is None:
+            notifier.send(STOPPING="1", STATUS="stopping")
+        else:  # READY=1 comes again from the next run
+            notifier.send(RELOADING="1", MONOTONIC_USEC=str(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000),
+                          STATUS=f"starting over: {reload.reason}")
         stop.set()
         observer.stop()
-        for thread in (observer, *(w for w in workers if w.ident is not None)):
+        for thread in (observer, stall_watch, *(w for w in workers if w.ident is not None)):
             thread.join(timeout=30)
         health.publish(settings.paths.state, "stopped")
         health.close()
@@ -123,7 +151,25 @@ def run_service(settings: Settings) -> None:
         status_engine.dispose()
         if lock is not None:
             lock.release()
-    log.info("stopped")
+    log.info("stopped" if start_over is None else "starting over")
+    return start_over
+
+
+def _open_when_reachable(settings: Settings, notifier: Notifier, stop: threading.Event) -> Processor | None:
+    """open_processor, waiting out a database server that is not there yet (a passing fault,
+    as at any other time) with a STATUS= line; a mistake in the settings still ends the start
+    in one line. None when told to stop while waiting."""
+    backoff = Backoff(first=1.0, ceiling=60.0)
+    while True:
+        try:
+            return open_processor(settings)
+        except TransientFault as fault:
+            wait = backoff.next()
+            if wait == backoff.first:
+                log.warning("waiting for the database before starting: %s", fault)
+            notifier.send(STATUS=f"starting: waiting for the database, retry in {wait:.0f} s: {fault}")
+            if stop.wait(wait):
+                return None
 
 
 def _cooperate(membership: Membership, intake: Intake, workers: list, health: Health) -> None:
@@ -131,6 +177,9 @@ def _cooperate(membership: Membership, intake: Intake, workers: list, health: He
     try:
         membership.beat()
         intake.in_hand += membership.take_over()
+    except LeaseLost:
+        intake.lease_lost()
+        return
     except Exception as error:  # noqa: BLE001 - waited out like any passing fault
         fault = as_transient(error) or f"{type(error).__name__}: {error}"
         health.failing("workers", str(fault), 0)
@@ -163,6 +212,16 @@ class Intake:
         self.backoff = Backoff()
         self.retry_at = 0.0
 
+    def scan(self) -> int:
+        """Look through the whole intake folder; a subfolder it may not list is a fault until mended."""
+        result = scan(self.settings.paths.intake, self.tracker)
+        fault = result.fault()
+        if fault:
+            self.health.failing("intake folders", fault, self.settings.watcher.rescan_seconds)
+        else:
+            self.health.recovered("intake folders")
+        return result.found
+
     def step(self, until: float) -> bool:
         """Do one piece of work; False when there was nothing to do (or a fault to wait out)."""
         if time.monotonic() < self.retry_at:
@@ -176,6 +235,9 @@ class Intake:
                 if not ready:
                     return False
                 self._take(ready, until)
+        except LeaseLost:
+            self.lease_lost()
+            return True
         except Exception as error:  # noqa: BLE001 - every fault is waited out; see _fault
             self._fault(error)
             return False
@@ -184,6 +246,12 @@ class Intake:
         if self.processor.membership is not None and not self.in_hand:
             self.processor.membership.tidy()
         return True
+
+    def lease_lost(self) -> None:
+        """This worker was silent past its lease (stopped, frozen) and another took its claims:
+        drop them unrecorded, and go on as a new worker (pipeline/workers.py, LeaseLost)."""
+        self.in_hand = []
+        self.processor.membership.rejoin()
 
     def _take(self, ready: list[Path], until: float) -> None:
         self.processor.process(self._claim_each(ready, until))
@@ -253,10 +321,15 @@ def _status_line(engine: Engine, intake: Intake, health: Health) -> str:
     return f"{trouble} | {line}" if trouble else line
 
 
-def _on_signals(stop: threading.Event) -> None:
+def _on_signals(stop: threading.Event, reload: threading.Event) -> None:
     def request_stop(signum: int, _frame: FrameType | None) -> None:
         log.info("%s received: finishing the image in hand", signal.Signals(signum).name)
         stop.set()
 
+    def request_reload(_signum: int, _frame: FrameType | None) -> None:
+        log.info("SIGHUP received: reading the configuration again")
+        reload.set()
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
