@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -102,7 +103,10 @@ def wait_until(condition: Callable[[], bool], timeout: float, message: str) -> N
 
 
 class Service:
-    """`dermwatch run` in a subprocess, with a real NOTIFY_SOCKET to hear READY=1 from it."""
+    """`dermwatch run` in a subprocess, with a real NOTIFY_SOCKET to hear READY=1 from it.
+
+    A thread reads the socket all along, as systemd does: a datagram socket holds only a few
+    messages, and the service drops what does not fit rather than wait."""
 
     def __init__(self, config_file: Path, log_path: Path, *, prefix: tuple[str, ...] = (),
                  umask: int | None = None) -> None:
@@ -111,6 +115,9 @@ class Service:
         self.notify.bind(str(self.notify_path))
         os.chmod(self.notify_path, 0o777)
         self.messages: list[str] = []
+        self.ready = threading.Event()
+        self.closed = threading.Event()
+        threading.Thread(target=self._listen, daemon=True).start()
         self.log_path = log_path
         self.log = log_path.open("ab")
         # A 2 s watchdog: the service then sends WATCHDOG=1 and its STATUS= line every second.
@@ -121,26 +128,30 @@ class Service:
             preexec_fn=None if umask is None else (lambda: os.umask(umask)),
         )
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        self.notify.settimeout(timeout)
-        while True:
+    def _listen(self) -> None:
+        self.notify.settimeout(0.2)
+        while not self.closed.is_set():
             try:
                 message = self.notify.recv(4096).decode()
             except TimeoutError:
-                raise AssertionError("service sent no READY=1") from None
+                continue
+            except OSError:  # closed
+                return
             self.messages.append(message)
             if "READY=1" in message.split("\n"):
-                return
+                self.ready.set()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        if not self.ready.wait(timeout):
+            raise AssertionError("service sent no READY=1")
+
+    def lines(self) -> list[str]:
+        """Every line of every message the service has sent so far."""
+        return [line for message in list(self.messages) for line in message.split("\n")]
 
     def statuses(self) -> list[str]:
         """Every STATUS= the service has sent so far."""
-        self.notify.settimeout(0)
-        try:
-            while True:
-                self.messages.append(self.notify.recv(4096).decode())
-        except BlockingIOError:
-            pass
-        return [line[len("STATUS="):] for m in self.messages for line in m.split("\n") if line.startswith("STATUS=")]
+        return [line[len("STATUS="):] for line in self.lines() if line.startswith("STATUS=")]
 
     def stop(self, timeout: float = 30) -> int:
         if self.process.poll() is None:
@@ -150,6 +161,7 @@ class Service:
         return code
 
     def close(self) -> None:
+        self.closed.set()
         self.notify.close()
         self.notify_path.unlink(missing_ok=True)
         self.log.close()

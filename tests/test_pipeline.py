@@ -269,6 +269,18 @@ def test_a_file_that_vanished_before_its_claim_is_skipped(processor: Processor, 
     assert totals(settings) == {"images": 0, "sightings": 0, "predictions": 0, "flagged": 0, "quarantined": 0}
 
 
+def test_a_claim_deleted_from_work_by_hand_has_one_fate_and_holds_nothing_up(processor: Processor,
+                                                                             settings: Settings) -> None:
+    gone = processor.claim(write_jpeg(settings.paths.intake / "gone.jpg", seed=13))
+    kept = processor.claim(write_jpeg(settings.paths.intake / "kept.jpg", seed=14))
+    gone.work_path.unlink()
+    outcomes = processor.process([gone, kept])
+    assert sorted((o.name, o.status) for o in outcomes) == [("gone.jpg", "rejected"), ("kept.jpg", "classified")]
+    assert "No such file" in next(o.detail for o in outcomes if o.name == "gone.jpg")
+    assert processor.recover() == [] and list(settings.paths.work.iterdir()) == []
+    assert (totals(settings)["quarantined"], totals(settings)["sightings"]) == (1, 1)
+
+
 def test_recover_finishes_a_committed_arrival_without_counting_it_twice(
         on_each_database: tuple[Processor, Settings]) -> None:
     processor, settings = on_each_database

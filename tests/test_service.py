@@ -44,7 +44,7 @@ def all_outcomes(settings: Settings) -> int:
 
 def test_ready_is_sent_over_notify_socket_and_sigterm_exits_zero(start_service, settings: Settings) -> None:
     service = start_service()
-    assert any("READY=1" in m for m in service.messages)
+    assert "READY=1" in service.lines()
     assert service.stop() == 0
 
 
@@ -232,8 +232,7 @@ def test_a_new_model_reaches_the_running_service_without_a_restart(
     drop(settings.paths.intake, "after.jpg", seed=3)
     wait_until(lambda: _flagged(settings) == 1, 60, "the next image judged by the new model")
     assert service.process.poll() is None  # the same process: systemd sees RELOADING=1, then READY=1
-    service.statuses()  # reads every message sent so far
-    lines = [line for message in service.messages for line in message.split("\n")]
+    lines = service.lines()
     assert "RELOADING=1" in lines and lines.count("READY=1") == 2
     assert _status(config_file)["faults"] == {}
     assert service.stop() == 0
@@ -255,8 +254,10 @@ def test_sighup_reads_the_configuration_again_and_a_mistake_leaves_the_service_a
 
     config_file.write_text(good.replace(str(tiny_model), str(flag_everything_model)))
     service.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: _status(config_file)["threshold"] == 1e-6, 30, "started over with the new model path")
+    wait_until(lambda: service.lines().count("READY=1") == 2, 30, "started over on the mended configuration")
     assert _status(config_file)["faults"] == {} and service.process.poll() is None
+    drop(settings.paths.intake, "after.jpg", seed=5)
+    wait_until(lambda: _flagged(settings) == 1, 60, "judged by the model the configuration now names")
     assert service.stop() == 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,6 +120,16 @@ class Processor:
     def close(self) -> None:
         self.lanes.close()
         self.engine.dispose()
+
+    @contextmanager
+    def _recording(self) -> Iterator[Session]:
+        """A transaction that records arrivals this worker holds. On PostgreSQL it first
+        confirms the worker's lease: one that was silent and taken over records none of them
+        (LeaseLost), whatever their fate would have been here."""
+        with session_scope(self.sessions) as session:
+            if self.membership is not None:
+                self.membership.confirm(session)
+            yield session
 
     @contextmanager
     def _doing(self, what: str) -> Iterator[None]:
@@ -242,9 +253,7 @@ class Processor:
         card = self.card
         now = utc_now()
         with self._doing(f"storing {len(arrivals)} arrival(s) in the database (locked or unreachable?)"), \
-                session_scope(self.sessions) as session:
-            if self.membership is not None:
-                self.membership.confirm(session)  # first, so a taken-over worker stores nothing
+                self._recording() as session:
             # Asked in the same transaction: a site calibration takes effect with the next batch.
             threshold = threshold_in_force(session, card).value
             known = _known_images(session, {a.sha256 for a in arrivals}, card.sha256)
@@ -344,7 +353,7 @@ class Processor:
 
     def _reject(self, arrival: _Arrival, reason: str) -> Outcome:
         item = arrival.item
-        with session_scope(self.sessions) as session:
+        with self._recording() as session:
             session.add(
                 rejection(item.token, item.original_name, reason, self.paths.quarantine / _quarantine_name(item),
                           sha256=arrival.sha256, size=arrival.size if arrival.sha256 else None,
@@ -390,16 +399,27 @@ class Processor:
     def _archive(self, item: Claimed, sha256: str, received_at: datetime) -> None:
         target = self.archive_target(item.original_name, sha256, received_at)
         if item.sidecar_path is not None:
-            place(item.sidecar_path, target.parent, f"{target.stem}.json", self.umask)
-        place(item.work_path, target.parent, target.name, self.umask)
+            self._place(item.sidecar_path, target.parent, f"{target.stem}.json")
+        self._place(item.work_path, target.parent, target.name)
         release(item)
 
     def _quarantine(self, item: Claimed) -> None:
         name = _quarantine_name(item)
         if item.sidecar_path is not None:
-            place(item.sidecar_path, self.paths.quarantine, f"{Path(name).stem}.json", self.umask)
-        place(item.work_path, self.paths.quarantine, name, self.umask)
+            self._place(item.sidecar_path, self.paths.quarantine, f"{Path(name).stem}.json")
+        self._place(item.work_path, self.paths.quarantine, name)
         release(item)
+
+    def _place(self, source: Path, folder: Path, name: str) -> None:
+        """Move a recorded arrival's file on. One that has left state/work/ meanwhile (deleted
+        by hand) cannot be moved, and retrying would hold up every file behind it: said once."""
+        try:
+            place(source, folder, name, self.umask)
+        except FileNotFoundError:
+            if os.path.lexists(source):
+                raise  # the destination is what is missing
+            log.error("%s: gone from %s before it could be moved to %s; its record stays", display_name(name),
+                      source.parent, folder)
 
     def archive_target(self, original_name: str, sha256: str, received_at: datetime) -> Path:
         """archive/YYYY/MM/DD/<sha-prefix>-<name>, by the site's local date of the arrival."""
