@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -91,6 +92,14 @@ def totals(settings: Settings) -> dict[str, int]:
         return counts(engine)
     finally:
         engine.dispose()
+
+
+def status_json(config_file: Path) -> dict:
+    """`dermwatch status --json` as a user would run it (it exits 1 while the model is unusable,
+    and still prints its JSON)."""
+    result = subprocess.run([sys.executable, "-m", "dermwatch", "status", "--json", "--config", str(config_file)],
+                            capture_output=True, text=True, timeout=60)
+    return json.loads(result.stdout)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, message: str) -> None:

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time as clock
 from datetime import date, datetime, time, timedelta, timezone
 from html import unescape as html_unescape
@@ -18,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
-from conftest import wait_until, write_jpeg
+from conftest import status_json, wait_until, write_jpeg
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -511,12 +510,8 @@ retry_minutes = 0.01
     service = start_service()
     write_jpeg(settings.paths.intake / "back.jpg", seed=61)
 
-    def status() -> dict:
-        return json.loads(subprocess.run([sys.executable, "-m", "dermwatch", "status", "--json", "--config",
-                                          str(config_file)], capture_output=True, text=True, timeout=60).stdout)
-
-    wait_until(lambda: "alert delivery" in status()["faults"], 60, "the failing alert shown as a fault")
-    shown = status()
+    wait_until(lambda: "alert delivery" in status_json(config_file)["faults"], 60, "the failing alert shown as a fault")
+    shown = status_json(config_file)
     assert shown["alerts_failing"] == 1 and "/nonexistent/page-the-dermatologist" in shown["alert_error"]
     assert "1 alert(s) not delivered" in shown["faults"]["alert delivery"]["message"]
     assert "No such file or directory" in shown["faults"]["alert delivery"]["message"]
@@ -527,8 +522,8 @@ command = "sh -c 'echo $DERMWATCH_FILE_NAME > {out}'"
 retry_minutes = 0.01
 """)
     service.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: out.exists() and status()["faults"] == {}, 60, "the alert sent and the fault cleared")
-    assert out.read_text() == "back.jpg\n" and status()["alerts_failing"] == 0
+    wait_until(lambda: out.exists() and status_json(config_file)["faults"] == {}, 60, "alert sent, fault cleared")
+    assert out.read_text() == "back.jpg\n" and status_json(config_file)["alerts_failing"] == 0
     assert service.stop() == 0
 
 

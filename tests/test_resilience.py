@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import totals, wait_until, write_jpeg
+from conftest import status_json, totals, wait_until, write_jpeg
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
@@ -39,12 +39,6 @@ def drop(intake: Path, name: str, seed: int, sidecar: dict | None = None) -> Pat
 def left_over(settings: Settings) -> list[str]:
     return [p.name for p in settings.paths.intake.rglob("*") if p.is_file()] + [
         p.name for p in settings.paths.work.iterdir()]
-
-
-def status_json(config_file: Path) -> dict:
-    result = subprocess.run([sys.executable, "-m", "dermwatch", "status", "--json", "--config", str(config_file)],
-                            capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(result.stdout)
 
 
 def without_file_permission_override() -> tuple[str, ...]:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import totals, wait_until, write_jpeg
+from conftest import status_json, totals, wait_until, write_jpeg
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
@@ -190,11 +190,6 @@ def test_sigterm_mid_burst_exits_zero_and_leaves_nothing_half_done(start_service
     assert len(list(settings.paths.intake.iterdir())) == 60 - done
 
 
-def _status(config_file: Path) -> dict:
-    return json.loads(subprocess.run([sys.executable, "-m", "dermwatch", "status", "--json", "--config",
-                                      str(config_file)], capture_output=True, text=True, timeout=60).stdout)
-
-
 def _flagged(settings: Settings) -> int:
     return totals(settings)["flagged"]
 
@@ -213,28 +208,28 @@ def test_a_new_model_reaches_the_running_service_without_a_restart(
     service = start_service()
     drop(settings.paths.intake, "before.jpg", seed=1)
     wait_until(lambda: totals(settings)["predictions"] == 1, 60, "the first image classified")
-    assert _flagged(settings) == 0 and _status(config_file)["threshold"] == 0.5
-    assert _status(config_file)["service_model"].startswith("tiny-test-model test ")
+    assert _flagged(settings) == 0 and status_json(config_file)["threshold"] == 0.5
+    assert status_json(config_file)["service_model"].startswith("tiny-test-model test ")
 
     card = json.loads(flag_everything_model.with_suffix(".json").read_text())
     model.with_suffix(".json").write_text(json.dumps({**card, "sha256": "0" * 64}))
-    wait_until(lambda: "model" in _status(config_file)["faults"], 30, "a card that does not match shown as a fault")
-    assert "cannot be used" in _status(config_file)["faults"]["model"]["message"]
+    wait_until(lambda: "model" in status_json(config_file)["faults"], 30, "a card that does not match shown as a fault")
+    assert "cannot be used" in status_json(config_file)["faults"]["model"]["message"]
     drop(settings.paths.intake, "during.jpg", seed=2)
     wait_until(lambda: totals(settings)["predictions"] == 2, 60, "classified by the loaded model meanwhile")
     assert _flagged(settings) == 0
 
     shutil.copyfile(flag_everything_model, model)
     model.with_suffix(".json").write_text(json.dumps({**card, "version": "2"}))
-    wait_until(lambda: _status(config_file)["service_model"].startswith("tiny-test-model 2 "), 60,
+    wait_until(lambda: status_json(config_file)["service_model"].startswith("tiny-test-model 2 "), 60,
                "the service on the new model")
-    assert _status(config_file)["threshold"] == 1e-6
+    assert status_json(config_file)["threshold"] == 1e-6
     drop(settings.paths.intake, "after.jpg", seed=3)
     wait_until(lambda: _flagged(settings) == 1, 60, "the next image judged by the new model")
     assert service.process.poll() is None  # the same process: systemd sees RELOADING=1, then READY=1
     lines = service.lines()
     assert "RELOADING=1" in lines and lines.count("READY=1") == 2
-    assert _status(config_file)["faults"] == {}
+    assert status_json(config_file)["faults"] == {}
     assert service.stop() == 0
     assert totals(settings)["sightings"] == 3
 
@@ -247,15 +242,15 @@ def test_sighup_reads_the_configuration_again_and_a_mistake_leaves_the_service_a
     readable.write_text(good)
     config_file.write_text(good.replace("[watcher]", "[images]\nmax_pixels = \"many\"\n[watcher]"))
     service.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: "reload" in _status(readable)["faults"], 30, "the mistake shown as a fault")
-    assert "max_pixels" in _status(readable)["faults"]["reload"]["message"]
+    wait_until(lambda: "reload" in status_json(readable)["faults"], 30, "the mistake shown as a fault")
+    assert "max_pixels" in status_json(readable)["faults"]["reload"]["message"]
     drop(settings.paths.intake, "meanwhile.jpg", seed=4)
     wait_until(lambda: totals(settings)["predictions"] == 1, 60, "still classifying on the old settings")
 
     config_file.write_text(good.replace(str(tiny_model), str(flag_everything_model)))
     service.process.send_signal(signal.SIGHUP)
     wait_until(lambda: service.lines().count("READY=1") == 2, 30, "started over on the mended configuration")
-    assert _status(config_file)["faults"] == {} and service.process.poll() is None
+    assert status_json(config_file)["faults"] == {} and service.process.poll() is None
     drop(settings.paths.intake, "after.jpg", seed=5)
     wait_until(lambda: _flagged(settings) == 1, 60, "judged by the model the configuration now names")
     assert service.stop() == 0

@@ -3,16 +3,13 @@ by another, one leader for reports and alerts."""
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import Service, totals, wait_until, write_jpeg
+from conftest import Service, status_json, totals, wait_until, write_jpeg
 from sqlalchemy import text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -111,7 +108,7 @@ def test_two_workers_share_a_burst_and_a_killed_one_costs_nothing(config_file: P
         victim, survivor = workers
         victim.process.send_signal(signal.SIGKILL)
         victim.process.wait()
-        at_once = _status(config_file)  # well inside the 30 s lease: shown stopped at once, and not leading
+        at_once = status_json(config_file)  # well inside the 30 s lease: shown stopped at once, and not leading
         by_pid = {w["pid"]: w for w in at_once["workers"]}
         assert by_pid[victim.process.pid]["state"].startswith("stopped (its process is gone)")
         assert not by_pid[victim.process.pid]["leading"] and by_pid[survivor.process.pid]["state"] == "alive"
@@ -119,7 +116,7 @@ def test_two_workers_share_a_burst_and_a_killed_one_costs_nothing(config_file: P
         wait_until(lambda: totals(settings)["predictions"] == total, 120, "every image, the dead worker's too")
         wait_until(lambda: sent.exists() and len(sent.read_text().split()) >= total, 60, "an alert for each")
         time.sleep(2)  # room for a second alert, were there one
-        status = _status(config_file)
+        status = status_json(config_file)
         assert survivor.stop() == 0
     finally:
         for worker in workers:
@@ -138,11 +135,6 @@ def test_two_workers_share_a_burst_and_a_killed_one_costs_nothing(config_file: P
     for n in range(2):  # both took part
         assert "P(melanoma)" in (tmp_path / f"worker-{n}.log").read_text()
     assert all(not p.name.startswith(WORKER_PREFIX) or not any(p.iterdir()) for p in settings.paths.work.iterdir())
-
-
-def _status(config_file: Path) -> dict:
-    return json.loads(subprocess.run([sys.executable, "-m", "dermwatch", "status", "--json", "--config",
-                                      str(config_file)], capture_output=True, text=True, timeout=60).stdout)
 
 
 def test_a_worker_frozen_past_its_lease_records_nothing_it_held_and_goes_on(
@@ -175,7 +167,7 @@ def test_a_worker_frozen_past_its_lease_records_nothing_it_held_and_goes_on(
         for i in range(more):
             write_jpeg(staging / f"m{i:03d}.jpg", seed=6000 + i).rename(settings.paths.intake / f"m{i:03d}.jpg")
         wait_until(lambda: totals(settings)["predictions"] == first + more, 60, "the new files")
-        status = _status(config_file)
+        status = status_json(config_file)
         assert [w["state"] for w in status["workers"]] == ["alive", "alive"]
         for worker in workers:
             assert worker.stop() == 0
