@@ -86,10 +86,10 @@ class Reload:
         is a fault in ``health``)."""
         try:
             replaced = self.model.replaced()
-        except ModelError as error:
+            health.recovered("model")
+        except ModelError as error:  # a SIGHUP may still name another model that works
             health.failing("model", str(error), 0)
-            return None
-        health.recovered("model")
+            replaced = False
         if not (replaced or self.requested.is_set()):
             return None
         self.requested.clear()
