@@ -291,12 +291,13 @@ def test_logit_adjustment_ema_colour_and_crop_modes_reach_the_card(planted: dict
                                       "--backbone", "dermnet", "--width", "4",
                                       "--batch-size", "16", "--balance", "logit-adjust", "--colour", "shades-of-grey",
                                       "--crop", "lesion", "--ema", "--epoch-images", "40", "--seed", "3",
-                                      "--split-seed", "0", "--colour-jitter", "strong"],
+                                      "--split-seed", "0", "--colour-jitter", "strong", "--zoom", "strong"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     options = json.loads((run_dir / "training.json").read_text())["options"]
     assert options["balance"] == "logit-adjust" and options["colour"] == "shades-of-grey" and options["ema"]
     assert options["crop"] == "lesion" and options["epoch_images"] == 40 and options["colour_jitter"] == "strong"
+    assert options["zoom"] == "strong"
     # A drawn epoch is 40 // 16 = 2 steps, however many training images there are.
     import keras
 
@@ -408,6 +409,22 @@ def test_strong_colour_jitter_moves_colours_further_than_mild() -> None:
         return float(np.std(means[:, 0] / np.maximum(means[:, 1], 1.0)))
 
     assert spread("strong") > 2 * spread("mild") > 0
+
+
+def test_strong_zoom_shows_lesions_larger_than_mild() -> None:
+    from dermwatch.training.data import geometric_augmentation
+
+    side = 64
+    rows, columns = np.mgrid[:side, :side]
+    disc = (np.hypot(rows - side / 2, columns - side / 2) < side / 6).astype(np.float32)  # a small central lesion
+    images = np.broadcast_to(disc[None, :, :, None], (256, side, side, 3)).copy()
+
+    def lesion_share(zoom: str) -> float:
+        augmented = np.asarray(geometric_augmentation(seed=0, zoom=zoom)(images, training=True))
+        return float((augmented[..., 0] > 0.5).mean())
+
+    mild, strong = lesion_share("mild"), lesion_share("strong")
+    assert strong > 1.5 * mild and abs(mild - disc.mean()) < 0.3 * disc.mean()
 
 
 def test_portable_batches_follow_the_draws_shuffle_each_epoch_and_jitter_like_tf_data() -> None:

@@ -11,7 +11,7 @@ from dermwatch.preprocess import COLOUR_MODES, CROP_MODES
 from dermwatch.training.audit import audit, write_manifest
 from dermwatch.training.metrics import figure
 from dermwatch.training.model_names import ARCHITECTURES
-from dermwatch.training.options import BALANCE_MODES, COLOUR_JITTER_NAMES, TrainOptions, split_seed_of
+from dermwatch.training.options import BALANCE_MODES, COLOUR_JITTER_NAMES, ZOOM_NAMES, TrainOptions, split_seed_of
 from dermwatch.training.run_start import RunStart
 
 #: The default recipe: one definition, in TrainOptions.
@@ -78,6 +78,9 @@ def audit_command(data_roots: tuple[Path, ...], ground_truth: Path | None, manif
               show_default=True,
               help="How far augmentation moves each training image's colours; strong also changes each "
                    "channel's gain, as another camera's white balance would.")
+@click.option("--zoom", type=click.Choice(ZOOM_NAMES), default=DEFAULTS.zoom, show_default=True,
+              help="How far augmentation zooms: mild about 10 % either way; strong also magnifies up to 2x, as "
+                   "a clinic that frames lesions tightly shows them.")
 @click.option("--crop", type=click.Choice(CROP_MODES), default=DEFAULTS.crop, show_default=True,
               help="Cut each image to the square around its lesion before training (and, via the card, "
                    "before inference).")

@@ -13,7 +13,7 @@ import numpy as np
 from dermwatch.labels import CLASS_NAMES
 from dermwatch.pipeline.decode import read_model_input
 from dermwatch.training.audit import TRAINING_MAX_PIXELS, ManifestRow
-from dermwatch.training.options import COLOUR_JITTER_NAMES
+from dermwatch.training.options import COLOUR_JITTER_NAMES, ZOOM_NAMES
 
 
 def load_arrays(rows: list[ManifestRow], input_size: int, *, labels: str = "resolved") -> tuple[np.ndarray, np.ndarray]:
@@ -125,13 +125,20 @@ COLOUR_JITTERS = dict(zip(COLOUR_JITTER_NAMES, (
 ), strict=True))
 
 
-def geometric_augmentation(seed: int) -> keras.Sequential:
+#: RandomZoom's height factor range for each zoom name (negative zooms in). "mild" is what every
+#: model so far trained with: about 10 % either way. "strong" zooms in up to 2x: another clinic
+#: may frame its lesions far tighter than the ISIC cameras (derm7pt's hand-cut crops do), and a
+#: network that only saw the lesion small in a wide frame can take size for malignancy.
+ZOOM_RANGES = dict(zip(ZOOM_NAMES, ((-0.1, 0.1), (-0.5, 0.1)), strict=True))
+
+
+def geometric_augmentation(seed: int, zoom: str = "mild") -> keras.Sequential:
     """Small rotations, zooms and shifts on top of the quarter turns: dermoscopy has no 'up'.
     Keras layers, so the same augmentation runs on every backend."""
     return keras.Sequential(
         [
             keras.layers.RandomRotation(0.05, fill_mode="reflect", seed=seed),
-            keras.layers.RandomZoom((-0.1, 0.1), fill_mode="reflect", seed=seed + 1),
+            keras.layers.RandomZoom(ZOOM_RANGES[zoom], fill_mode="reflect", seed=seed + 1),
             keras.layers.RandomTranslation(0.05, 0.05, fill_mode="reflect", seed=seed + 2),
         ],
         name="geometric_augmentation",

@@ -9,6 +9,8 @@ from dermwatch.training.model_names import ARCHITECTURES
 
 #: How far augmentation moves colours (data.COLOUR_JITTERS holds what each name means).
 COLOUR_JITTER_NAMES = ("mild", "strong")
+#: How far augmentation zooms (data.ZOOM_RANGES holds what each name means).
+ZOOM_NAMES = ("mild", "strong")
 BALANCE_MODES = ("weights", "class-and-source", "logit-adjust", "none")
 
 
@@ -35,6 +37,7 @@ class TrainOptions:
     balance: str = "class-and-source"
     augment: bool = True  # flips, rotations, affine and colour jitter on the fly
     colour_jitter: str = "mild"  # COLOUR_JITTER_NAMES: how far augmentation moves colours
+    zoom: str = "mild"  # ZOOM_NAMES: "strong" also shows lesions magnified up to 2x, as tight crops frame them
     schedule: str = "cosine"  # cosine: AdamW, warm-up then cosine decay; constant: plain Adam
     warmup_epochs: float = 3.0  # cosine only: epochs of linear warm-up before the decay
     label_smoothing: float = 0.1
@@ -62,6 +65,8 @@ class TrainOptions:
         if self.colour_jitter not in COLOUR_JITTER_NAMES:
             raise ValueError(f"unknown colour jitter {self.colour_jitter!r}; "
                              f"choose one of {', '.join(COLOUR_JITTER_NAMES)}")
+        if self.zoom not in ZOOM_NAMES:
+            raise ValueError(f"unknown zoom {self.zoom!r}; choose one of {', '.join(ZOOM_NAMES)}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
         if self.epoch_images < 0:

@@ -52,7 +52,8 @@ class PortableBatches(keras.utils.PyDataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, *,
                  augment: bool = True, sample_weights: np.ndarray | None = None,
-                 draws: np.ndarray | None = None, colour_jitter: str = "mild", workers: int = 1) -> None:
+                 draws: np.ndarray | None = None, colour_jitter: str = "mild", zoom: str = "mild",
+                 workers: int = 1) -> None:
         # Several worker threads make batches at once (the GPU waits on augmentation, not the
         # reverse); the geometric layers' random stream then depends on thread timing.
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=4 * workers)
@@ -60,7 +61,7 @@ class PortableBatches(keras.utils.PyDataset):
         self.images, self.labels, self.sample_weights = images, labels, sample_weights
         self.batch_size, self.seed, self.draws = batch_size, seed, draws
         self.jitter = COLOUR_JITTERS[colour_jitter]
-        self.geometric = geometric_augmentation(seed) if augment else None
+        self.geometric = geometric_augmentation(seed, zoom) if augment else None
         self.epoch = 0
         self.order = self._epoch_order()
 

@@ -11,7 +11,8 @@ from dermwatch.training.data import COLOUR_JITTERS, geometric_augmentation, refu
 
 def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
                      augment: bool = True, sample_weights: np.ndarray | None = None,
-                     draws: np.ndarray | None = None, colour_jitter: str = "mild") -> tf.data.Dataset:
+                     draws: np.ndarray | None = None, colour_jitter: str = "mild",
+                     zoom: str = "mild") -> tf.data.Dataset:
     """Batches with on-the-fly augmentation; nothing augmented is ever stored.
 
     The images come shuffled once per epoch, or, with ``draws`` (from :func:`epoch_draws`),
@@ -31,7 +32,7 @@ def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, se
         )
     if not augment:
         return _unpack(dataset.map(lambda x, y: (tf.cast(x, tf.float32), y)).batch(batch_size), sample_weights)
-    geometric = geometric_augmentation(seed)
+    geometric = geometric_augmentation(seed, zoom)
 
     jitter = COLOUR_JITTERS[colour_jitter]
 

@@ -115,10 +115,11 @@ def _batches(images: np.ndarray, labels: np.ndarray, options: TrainOptions,
         from dermwatch.training.tf_batches import training_batches
 
         return training_batches(images, labels, options.batch_size, options.seed, augment=options.augment,
-                                sample_weights=sample_weights, draws=draws, colour_jitter=options.colour_jitter)
+                                sample_weights=sample_weights, draws=draws, colour_jitter=options.colour_jitter,
+                                zoom=options.zoom)
     return PortableBatches(images, labels, options.batch_size, options.seed, augment=options.augment,
                            sample_weights=sample_weights, draws=draws, colour_jitter=options.colour_jitter,
-                           workers=workers)
+                           zoom=options.zoom, workers=workers)
 
 
 def train(audit: Audit, out_dir: Path, options: TrainOptions, *, resume: bool = False,
