@@ -291,13 +291,13 @@ def test_logit_adjustment_ema_colour_and_crop_modes_reach_the_card(planted: dict
                                       "--backbone", "dermnet", "--width", "4",
                                       "--batch-size", "16", "--balance", "logit-adjust", "--colour", "shades-of-grey",
                                       "--crop", "lesion", "--ema", "--epoch-images", "40", "--seed", "3",
-                                      "--split-seed", "0", "--colour-jitter", "strong", "--zoom", "strong"],
+                                      "--split-seed", "0", "--colour-jitter", "strong", "--zoom", "mild"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     options = json.loads((run_dir / "training.json").read_text())["options"]
     assert options["balance"] == "logit-adjust" and options["colour"] == "shades-of-grey" and options["ema"]
     assert options["crop"] == "lesion" and options["epoch_images"] == 40 and options["colour_jitter"] == "strong"
-    assert options["zoom"] == "strong"
+    assert options["zoom"] == "mild"
     # A drawn epoch is 40 // 16 = 2 steps, however many training images there are.
     import keras
 
@@ -508,8 +508,8 @@ def test_card_names_its_intended_use_and_its_worst_source(tmp_path: Path) -> Non
 
 
 def test_the_default_recipe_trains_the_shipped_model() -> None:
-    """README's promise: `dermwatch train` with its defaults reproduces the shipped model's recipe,
-    from the ImageNet weights the card names."""
+    """README's promise: `dermwatch train --seed 1 --split-seed 0`, all else default, is the shipped
+    model's recipe, from the ImageNet weights the card names."""
     from dataclasses import asdict
 
     from dermwatch.modelcard import load_card, shipped_model_path
@@ -517,7 +517,7 @@ def test_the_default_recipe_trains_the_shipped_model() -> None:
     from dermwatch.training.options import TrainOptions
 
     training = load_card(shipped_model_path()).document["training"]
-    defaults = asdict(TrainOptions())
+    defaults = asdict(TrainOptions(seed=1, split_seed=0))
     assert training["options"] == defaults
     assert training["initial_weights"] == asdict(IMAGENET_WEIGHTS)
 

@@ -125,10 +125,11 @@ COLOUR_JITTERS = dict(zip(COLOUR_JITTER_NAMES, (
 ), strict=True))
 
 
-#: RandomZoom's height factor range for each zoom name (negative zooms in). "mild" is what every
-#: model so far trained with: about 10 % either way. "strong" zooms in up to 2x: another clinic
-#: may frame its lesions far tighter than the ISIC cameras (derm7pt's hand-cut crops do), and a
-#: network that only saw the lesion small in a wide frame can take size for malignancy.
+#: RandomZoom's height factor range for each zoom name (negative zooms in). "mild": about 10 %
+#: either way, what models before the 2026-12-06 one trained with. "strong", the default, zooms
+#: in up to 2x: another clinic may frame its lesions far tighter than the ISIC cameras
+#: (derm7pt's hand-cut crops do), and a network that only saw the lesion small in a wide frame
+#: can take size for malignancy.
 ZOOM_RANGES = dict(zip(ZOOM_NAMES, ((-0.1, 0.1), (-0.5, 0.1)), strict=True))
 
 

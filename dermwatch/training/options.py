@@ -37,7 +37,7 @@ class TrainOptions:
     balance: str = "class-and-source"
     augment: bool = True  # flips, rotations, affine and colour jitter on the fly
     colour_jitter: str = "mild"  # COLOUR_JITTER_NAMES: how far augmentation moves colours
-    zoom: str = "mild"  # ZOOM_NAMES: "strong" also shows lesions magnified up to 2x, as tight crops frame them
+    zoom: str = "strong"  # ZOOM_NAMES: "strong" also shows lesions magnified up to 2x, as tight crops frame them
     schedule: str = "cosine"  # cosine: AdamW, warm-up then cosine decay; constant: plain Adam
     warmup_epochs: float = 3.0  # cosine only: epochs of linear warm-up before the decay
     label_smoothing: float = 0.1
