@@ -157,7 +157,8 @@ def test_training_and_service_preprocess_identically(tmp_path: Path, settings, m
     np.testing.assert_array_equal(seen_by_model[0][0], trained_on[0])
 
 
-def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: Path) -> None:
+def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = tmp_path / "run"
     runner = CliRunner()
     trained = runner.invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth", str(planted["truth"]),
@@ -200,14 +201,15 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     assert "chosen for shipping: dermwatch-" in exported.output
 
     from dermwatch.modelcard import write_card
-    from dermwatch.training.export import choose_shipped
+    from dermwatch.training.export import NothingToShip, choose_shipped
 
     paths = [run_dir / "export" / f"dermwatch-{quantization}.tflite" for quantization in ("float32", "int8")]
     int8_card = json.loads((run_dir / "export" / "dermwatch-int8.json").read_text())
     close = {**float_card["evaluation"]["sets"]["validation"]}
-    close["melanoma_specificity"] -= 0.009
+    close["melanoma_roc_auc"] -= 0.009
+    close["melanoma_specificity"] -= 0.019
     write_card(paths[1], {**int8_card, "evaluation": {"sets": {"validation": close}}})
-    assert choose_shipped(paths) == paths[1]  # rounding cost under a point: the small file ships
+    assert choose_shipped(paths) == paths[1]  # rounding cost within its bars: the small file ships
     no_nevi = {**close, "melanoma_vs_nevus_auc": float("nan")}
     write_card(paths[1], {**int8_card, "evaluation": {"sets": {"validation": no_nevi}}})
     assert choose_shipped(paths) == paths[1]  # a figure the set cannot give (no nevi) decides nothing
@@ -215,7 +217,29 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     write_card(paths[1], {**int8_card, "evaluation": {"sets": {"validation": close}}})
     assert choose_shipped(paths) == paths[0]
     dynamic = run_dir / "export" / "dermwatch-dynamic.tflite"  # int8 weights, float activations
-    assert choose_shipped([*paths, dynamic]) == dynamic  # within a point, where int8 is not
+    assert choose_shipped([*paths, dynamic]) == dynamic  # within its bars
+    dynamic_card = json.loads(dynamic.with_suffix(".json").read_text())
+    fallen = {**close, "accuracy": close["accuracy"] + 0.02,
+              "melanoma_specificity": close["melanoma_specificity"] - 0.002}
+    write_card(dynamic, {**dynamic_card, "evaluation": {"sets": {"validation": fallen}}})
+    assert choose_shipped([*paths, dynamic]) == paths[0]  # the operating point fell over 2 points
+    write_card(paths[1], {**int8_card, "evaluation": {"sets": {"validation": no_nevi}}})
+    assert choose_shipped([*paths, dynamic]) == paths[1]  # then int8, where it is within its bars
+    write_card(dynamic, dynamic_card)
+    assert choose_shipped([*paths, dynamic]) == dynamic  # but dynamic first, where both are
+    write_card(dynamic, {**dynamic_card, "evaluation": {"sets": {"validation": fallen}}})
+    write_card(paths[1], {**int8_card, "evaluation": {"sets": {"validation": close}}})
+    with pytest.raises(NothingToShip, match=r"float32 \(.* bytes\) is larger .* melanoma_specificity \+0\.021"):
+        choose_shipped([*paths, dynamic], max_bytes=paths[0].stat().st_size - 1)  # the service could not hold it
+
+    from dermwatch.modelcard import shipped_model_path
+    from dermwatch.training import export
+
+    shipped_before = shipped_model_path().read_bytes()
+    monkeypatch.setattr(export, "MAX_SHIPPED_BYTES", 1)  # no file fits: --ship must refuse, shipping nothing
+    refused = runner.invoke(cli, ["export", str(run_dir), "--ship"])
+    assert refused.exit_code == 1 and "nothing shipped: float32 (" in refused.output, refused.output
+    assert shipped_model_path().read_bytes() == shipped_before
 
 
 def test_training_repeats_and_a_seed_ensemble_averages_its_members(planted: dict[str, Path], tmp_path: Path) -> None:

@@ -163,7 +163,7 @@ def export_command(run_dir: Path, version: str | None, tta: bool, ship: bool,
                    external_roots: tuple[Path, ...]) -> None:
     """Convert a training run to float32 and int8 TFLite, check and score both."""
     from dermwatch.modelcard import load_card, shipped_model_path
-    from dermwatch.training.export import choose_shipped, export_run
+    from dermwatch.training.export import NothingToShip, choose_shipped, export_run
     from dermwatch.training.export import ship as ship_model
 
     paths = export_run(run_dir, version, tta=tta, external_roots=external_roots)
@@ -175,7 +175,13 @@ def export_command(run_dir: Path, version: str | None, tta: bool, ship: bool,
                    f"{check['max_probability_difference']:.4f}")
         for name, metrics in sets.items():
             click.echo(f"  {name:>21}: {_metrics_line(metrics)}")
-    chosen = choose_shipped(paths)
+    try:
+        chosen = choose_shipped(paths)
+    except NothingToShip as refusal:
+        if ship:
+            raise click.ClickException(f"nothing shipped: {refusal}") from None
+        click.echo(f"no file can ship: {refusal}")
+        return
     click.echo(f"chosen for shipping: {chosen.name}")
     if ship:
         click.echo(f"shipped as {ship_model(chosen, shipped_model_path().parent)}")

@@ -13,7 +13,7 @@ import numpy as np
 from dermwatch.labels import CLASS_NAMES
 from dermwatch.pipeline.decode import read_model_input
 from dermwatch.training.audit import TRAINING_MAX_PIXELS, ManifestRow
-from dermwatch.training.options import COLOUR_JITTER_NAMES, ZOOM_NAMES
+from dermwatch.training.options import COLOUR_JITTER_NAMES, ZOOM_NAMES, TrainOptions
 
 
 def load_arrays(rows: list[ManifestRow], input_size: int, *, labels: str = "resolved") -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +133,7 @@ COLOUR_JITTERS = dict(zip(COLOUR_JITTER_NAMES, (
 ZOOM_RANGES = dict(zip(ZOOM_NAMES, ((-0.1, 0.1), (-0.5, 0.1)), strict=True))
 
 
-def geometric_augmentation(seed: int, zoom: str = "mild") -> keras.Sequential:
+def geometric_augmentation(seed: int, zoom: str = TrainOptions.zoom) -> keras.Sequential:
     """Small rotations, zooms and shifts on top of the quarter turns: dermoscopy has no 'up'.
     Keras layers, so the same augmentation runs on every backend."""
     return keras.Sequential(

@@ -17,6 +17,7 @@ from dermwatch.training.data import (
     geometric_augmentation,
     refuse_weights_with_draws,
 )
+from dermwatch.training.options import TrainOptions
 
 #: RGB to YIQ (NTSC): luma and two chroma axes. Saturation scales the chroma, hue turns it.
 RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
@@ -52,7 +53,8 @@ class PortableBatches(keras.utils.PyDataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, *,
                  augment: bool = True, sample_weights: np.ndarray | None = None,
-                 draws: np.ndarray | None = None, colour_jitter: str = "mild", zoom: str = "mild",
+                 draws: np.ndarray | None = None, colour_jitter: str = TrainOptions.colour_jitter,
+                 zoom: str = TrainOptions.zoom,
                  workers: int = 1) -> None:
         # Several worker threads make batches at once (the GPU waits on augmentation, not the
         # reverse); the geometric layers' random stream then depends on thread timing.

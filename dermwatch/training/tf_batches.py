@@ -7,12 +7,14 @@ import numpy as np
 import tensorflow as tf
 
 from dermwatch.training.data import COLOUR_JITTERS, geometric_augmentation, refuse_weights_with_draws
+from dermwatch.training.options import TrainOptions
 
 
 def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
                      augment: bool = True, sample_weights: np.ndarray | None = None,
-                     draws: np.ndarray | None = None, colour_jitter: str = "mild",
-                     zoom: str = "mild") -> tf.data.Dataset:
+                     draws: np.ndarray | None = None,
+                     colour_jitter: str = TrainOptions.colour_jitter,
+                     zoom: str = TrainOptions.zoom) -> tf.data.Dataset:
     """Batches with on-the-fly augmentation; nothing augmented is ever stored.
 
     The images come shuffled once per epoch, or, with ``draws`` (from :func:`epoch_draws`),
