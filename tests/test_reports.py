@@ -235,18 +235,22 @@ def test_pictures_keep_their_aspect_ratio_in_real_chromium(day_of_images, tmp_pa
         assert shown_width / shown_height == pytest.approx(width / height, rel=0.02)
 
 
-def test_every_printed_page_names_the_site_and_the_day(day_of_images, tmp_path: Path) -> None:
-    from pypdf import PdfReader
-
-    assert shutil.which("chromium"), "this test needs Debian's chromium (apt-get install chromium; .ci/run does)"
-    _, reporter = day_of_images
-    html = reporter.render(DAY).html
+def print_to_pdf(html: Path, tmp_path: Path) -> Path:
+    """The page as real chromium prints it, without its own header and footer."""
     pdf = tmp_path / "report.pdf"
     printed = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                               f"--user-data-dir={tmp_path / 'profile'}", "--no-pdf-header-footer",
                               f"--print-to-pdf={pdf}", html.as_uri()], capture_output=True, text=True, timeout=120)
     assert printed.returncode == 0, printed.stderr[-2000:]
-    pages = [page.extract_text() for page in PdfReader(pdf).pages]
+    return pdf
+
+
+def test_every_printed_page_names_the_site_and_the_day(day_of_images, tmp_path: Path) -> None:
+    from pypdf import PdfReader
+
+    assert shutil.which("chromium"), "this test needs Debian's chromium (apt-get install chromium; .ci/run does)"
+    _, reporter = day_of_images
+    pages = [page.extract_text() for page in PdfReader(print_to_pdf(reporter.render(DAY).html, tmp_path)).pages]
     assert len(pages) >= 2
     assert all("Praxis Süd · dermoscopy report 2026-03-14" in text for text in pages)
 
@@ -829,12 +833,7 @@ def test_tables_keep_words_whole_on_screen_and_in_print(day_of_images, tmp_path:
         assert dom.returncode == 0, dom.stderr[-2000:]
         broken = json.loads(html_unescape(re.search(r'data-broken="([^"]*)"', dom.stdout).group(1)))
         assert broken == [], f"at {width} px: {broken}"
-    html = reporter.render(DAY).html
-    pdf = tmp_path / "report.pdf"
-    printed = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                              f"--user-data-dir={tmp_path / 'profile'}", "--no-pdf-header-footer",
-                              f"--print-to-pdf={pdf}", html.as_uri()], capture_output=True, text=True, timeout=120)
-    assert printed.returncode == 0, printed.stderr[-2000:]
-    words = set(" ".join(page.extract_text() for page in PdfReader(pdf).pages).split())
+    printed = PdfReader(print_to_pdf(reporter.render(DAY).html, tmp_path))
+    words = set(" ".join(page.extract_text() for page in printed.pages).split())
     for word in ("Notes", "Received", "Original", "Patient", "referring", "practice", "history", "shoulder"):
         assert word in words or f"{word}." in words, f"{word} is split on paper"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -53,35 +54,39 @@ class Pictures:
 
     def thumbnail(self, archive_path: str, sha256: str, side: int = THUMBNAIL_SIDE) -> str | None:
         """A data: URI of a JPEG at most ``side`` px on a side, without any metadata; None if the file is gone."""
-        cached = self.cache_dir / f"thumbnails-{side}" / f"{sha256}.jpg"
-        if not cached.exists():
-            self._check_stopping()
-            source = Path(archive_path)
-            if not source.is_file():
-                return None
-            with self._spend():
-                image = read_rgb(source, max_pixels=self.max_pixels, draft_size=side).image
-                image.thumbnail((side, side), Image.Resampling.LANCZOS)
-                write_atomically(cached, _jpeg(image))
-        return _data_uri(cached.read_bytes())
+        def draw(source: Path) -> Image.Image:
+            image = read_rgb(source, max_pixels=self.max_pixels, draft_size=side).image
+            image.thumbnail((side, side), Image.Resampling.LANCZOS)
+            return image
+
+        return self._cached(self.cache_dir / f"thumbnails-{side}" / f"{sha256}.jpg", archive_path, draw)
 
     def heatmap(self, archive_path: str, sha256: str, model_sha256: str) -> str | None:
         """The thumbnail with the occlusion map over it, if the model that made the prediction is loaded."""
-        if self.classifier is None or self.classifier.card.sha256 != model_sha256:
+        classifier = self.classifier
+        if classifier is None or classifier.card.sha256 != model_sha256:
             return None
-        cached = self.cache_dir / "occlusion" / model_sha256[:16] / f"{sha256}.jpg"
+
+        def draw(source: Path) -> Image.Image:
+            # The heatmap starts from the very pixels the service classified.
+            _, pixels = read_model_input(source, classifier.input_size, max_pixels=self.max_pixels)
+            heat = occlusion_map(classifier, pixels)
+            picture = read_rgb(source, max_pixels=self.max_pixels, draft_size=THUMBNAIL_SIDE).image
+            picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+            return overlay(picture, heat)
+
+        return self._cached(self.cache_dir / "occlusion" / model_sha256[:16] / f"{sha256}.jpg", archive_path, draw)
+
+    def _cached(self, cached: Path, archive_path: str, draw: Callable[[Path], Image.Image]) -> str | None:
+        """``cached`` as a data: URI, drawn from the archived file first if it is not there yet;
+        None if the archived file is gone."""
         if not cached.exists():
             self._check_stopping()
             source = Path(archive_path)
             if not source.is_file():
                 return None
             with self._spend():
-                # The heatmap starts from the very pixels the service classified.
-                _, pixels = read_model_input(source, self.classifier.input_size, max_pixels=self.max_pixels)
-                heat = occlusion_map(self.classifier, pixels)
-                picture = read_rgb(source, max_pixels=self.max_pixels, draft_size=THUMBNAIL_SIDE).image
-                picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
-                write_atomically(cached, _jpeg(overlay(picture, heat)))
+                write_atomically(cached, _jpeg(draw(source)))
         return _data_uri(cached.read_bytes())
 
 
