@@ -10,7 +10,8 @@ validation images, each external clinic) the table gives the mean over the seeds
 range, so a recipe is judged on its worst source and not on one lucky seed. Seeds trained
 with one --split-seed share their validation images (the spread is training's noise);
 otherwise each seed draws its own split and the spread holds the split's noise too.
-With --card the table is stored in that model's card, whose HTML shows it.
+With --card the table is put into that model's card, whose HTML shows it: the rows of the
+recipes named here replace their old rows, and the card's other recipes keep theirs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from dermwatch.modelcard import load_card
 from dermwatch.training.export import write_card_and_html
-from dermwatch.training.seed_table import SEED_METRICS, seed_rows, source_sets, spread_text
+from dermwatch.training.seed_table import SEED_METRICS, merge_rows, seed_rows, source_sets, spread_text
 
 
 def markdown(rows: list[dict]) -> str:
@@ -61,7 +62,8 @@ def main() -> None:
     parser.add_argument("--against", metavar="NAME",
                         help="also compare every recipe with this one, seed by seed (melanoma vs nevus AUC)")
     parser.add_argument("--card", type=Path, metavar="MODEL",
-                        help="store the table in this model's card (field seed_table) and render its HTML again")
+                        help="put the table into this model's card (field seed_table: these recipes' rows replace "
+                             "their old ones, other recipes' stay) and render its HTML again")
     args = parser.parse_args()
     cards: dict[str, list[dict]] = {}
     for recipe in args.recipes:
@@ -75,7 +77,7 @@ def main() -> None:
         print("\n" + "\n".join(paired_rows(cards, args.against)))
     if args.card:
         document = load_card(args.card).document
-        document["seed_table"] = rows
+        document["seed_table"] = merge_rows(document.get("seed_table", []), rows)
         write_card_and_html(args.card, document)
         print(f"\nstored in {args.card}'s card and {args.card.with_suffix('.html')}")
 

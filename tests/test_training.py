@@ -573,6 +573,19 @@ def test_card_shows_each_recipe_per_source_over_its_seeds(tmp_path: Path) -> Non
     assert "<td>n/a</td>" in text
 
 
+def test_a_recipe_measured_again_replaces_only_its_own_rows_in_the_card() -> None:
+    from dermwatch.training.seed_table import merge_rows
+
+    def rows(recipe: str, *sources: str) -> list[dict]:
+        return [{"recipe": recipe, "source": source} for source in sources]
+
+    stored = rows("shipped", "a", "b") + rows("screened", "a", "b") + rows("previous", "a")
+    merged = merge_rows(stored, rows("screened", "b", "a", "c") + rows("new", "a"))
+    assert merged == (rows("shipped", "a", "b") + rows("screened", "b", "a", "c") + rows("previous", "a")
+                      + rows("new", "a"))
+    assert merge_rows([], rows("new", "a")) == rows("new", "a")
+
+
 def test_melanoma_vs_nevus_auc_ignores_the_easy_negatives() -> None:
     from dermwatch.training.metrics import summarize
 

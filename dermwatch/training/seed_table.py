@@ -45,6 +45,23 @@ def seed_rows(recipe: str, cards: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: r["melanoma_vs_nevus_auc"][0] if r["melanoma_vs_nevus_auc"] else 1.0)
 
 
+def merge_rows(stored: list[dict], new: list[dict]) -> list[dict]:
+    """The card's table with ``new``'s recipes put in: each recipe measured again replaces its
+    own rows where they stood, new recipes follow, and every other recipe's rows stay as they
+    are, since their seeds' files need not exist any more (run folders do not outlive a machine)."""
+    new_by_recipe: dict[str, list[dict]] = {}
+    for row in new:
+        new_by_recipe.setdefault(row["recipe"], []).append(row)
+    merged: list[dict] = []
+    for row in stored:
+        if row["recipe"] not in new_by_recipe:
+            merged.append(row)
+        elif not any(kept["recipe"] == row["recipe"] for kept in merged):
+            merged.extend(new_by_recipe[row["recipe"]])
+    placed = {row["recipe"] for row in merged}
+    return merged + [row for row in new if row["recipe"] not in placed]
+
+
 def spread_text(value: Spread) -> str:
     """'0.385 (0.366–0.406)': the mean and, when the seeds differ, the lowest and highest."""
     if value is None:
