@@ -21,17 +21,17 @@ from dermwatch.store.db import ensure_schema, make_engine
 from dermwatch.store.models import Worker, utc_now
 
 
-def on_postgres(config_file: Path, url: str, extra: str = "") -> Path:
+def on_postgres(config_file: Path, url: str, extra: str = "", lease_seconds: float = 3) -> Path:
     config_file.write_text(config_file.read_text().replace(
-        'url = "sqlite:///dermwatch.db"', f'url = "{url}"\nworker_lease_seconds = 3') + extra)
+        'url = "sqlite:///dermwatch.db"', f'url = "{url}"\nworker_lease_seconds = {lease_seconds}') + extra)
     return config_file
 
 
 def two_flagging_workers(config_file: Path, tiny_model: Path, flag_everything_model: Path, url: str, tmp_path: Path,
-                         extra: str = "") -> tuple[Settings, list[Service]]:
+                         extra: str = "", lease_seconds: float = 3) -> tuple[Settings, list[Service]]:
     """Two `dermwatch run` workers on ``url``, ready, flagging every image. Small batches: each
     commits within its first few files, so both take part in a burst."""
-    on_postgres(config_file, url, extra)
+    on_postgres(config_file, url, extra, lease_seconds)
     config_file.write_text(config_file.read_text().replace(str(tiny_model), str(flag_everything_model))
                            .replace("threads = 1", "threads = 1\nbatch_size = 4"))
     workers = [Service(config_file, tmp_path / f"worker-{n}.log") for n in range(2)]
@@ -98,7 +98,8 @@ def test_two_workers_share_a_burst_and_a_killed_one_costs_nothing(config_file: P
     sent = tmp_path / "alerts.log"
     settings, workers = two_flagging_workers(
         config_file, tiny_model, flag_everything_model, postgres_server.new_database(), tmp_path,
-        f"""[alerts]\ncommand = "sh -c 'echo $DERMWATCH_IMAGE_ID >> {sent}'"\n""")
+        f"""[alerts]\ncommand = "sh -c 'echo $DERMWATCH_IMAGE_ID >> {sent}'"\n""",
+        lease_seconds=15)  # `status` must read the killed worker before its lease lapses, even on a busy machine
     try:
         total = 120
         staging = tmp_path / "staging"
@@ -108,7 +109,7 @@ def test_two_workers_share_a_burst_and_a_killed_one_costs_nothing(config_file: P
         victim, survivor = workers
         victim.process.send_signal(signal.SIGKILL)
         victim.process.wait()
-        at_once = status_json(config_file)  # well inside the 30 s lease: shown stopped at once, and not leading
+        at_once = status_json(config_file)  # inside the 15 s lease: shown stopped at once, and not leading
         by_pid = {w["pid"]: w for w in at_once["workers"]}
         assert by_pid[victim.process.pid]["state"].startswith("stopped (its process is gone)")
         assert not by_pid[victim.process.pid]["leading"] and by_pid[survivor.process.pid]["state"] == "alive"
