@@ -53,12 +53,14 @@ def merge_rows(stored: list[dict], new: list[dict]) -> list[dict]:
     for row in new:
         new_by_recipe.setdefault(row["recipe"], []).append(row)
     merged: list[dict] = []
+    placed: set[str] = set()
     for row in stored:
-        if row["recipe"] not in new_by_recipe:
+        recipe = row["recipe"]
+        if recipe not in new_by_recipe:
             merged.append(row)
-        elif not any(kept["recipe"] == row["recipe"] for kept in merged):
-            merged.extend(new_by_recipe[row["recipe"]])
-    placed = {row["recipe"] for row in merged}
+        elif recipe not in placed:
+            merged.extend(new_by_recipe[recipe])
+            placed.add(recipe)
     return merged + [row for row in new if row["recipe"] not in placed]
 
 
