@@ -103,6 +103,7 @@ def process(config_path: Path | None, paths: tuple[Path, ...]) -> None:
     try:
         outcomes, files = _process_files(settings, processor, _collect(paths))
     finally:
+        processor.tidy()
         if processor.membership is not None:  # PostgreSQL: signed off, so nobody waits out its lease
             processor.membership.leave()
         processor.lanes.close()

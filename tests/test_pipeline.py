@@ -66,7 +66,26 @@ def test_good_jpeg_is_classified_stored_and_archived(on_each_database: tuple[Pro
         assert sum(prediction.probabilities().values()) == pytest.approx(1.0, abs=1e-4)
         assert prediction.model_sha256 == processor.card.sha256
         assert prediction.flagged == (prediction.melanoma_score >= 0.5)
-    assert list(processor.work_dir.iterdir()) == []
+    assert [p for p in processor.work_dir.rglob("*") if not p.is_dir()] == []  # its emptied folder is kept
+    processor.tidy()
+    assert list(processor.work_dir.glob("*")) == []  # on PostgreSQL the worker's own folder is gone too
+
+
+def test_a_claim_folder_is_reused_under_a_new_token_and_strays_never_ride_along(processor: Processor,
+                                                                                 settings: Settings) -> None:
+    first = processor.claim(write_jpeg(settings.paths.intake / "first.jpg", seed=21))
+    processor.process([first])
+    second = processor.claim(write_jpeg(settings.paths.intake / "second.jpg", seed=22))
+    # The first claim's emptied folder, renamed: a restart never mistakes the second for the first.
+    assert second.token != first.token and not first.work_path.parent.exists()
+    assert sorted(p.name for p in processor.work_dir.iterdir()) == [second.token]
+    (second.work_path.parent / "stray.jpg").write_bytes(b"put here by hand")
+    processor.process([second])
+    assert list(processor.work_dir.iterdir()) == []  # not kept: the stray would ride into the next claim
+    third = processor.claim(write_jpeg(settings.paths.intake / "third.jpg", seed=23))
+    assert [p.name for p in third.work_path.parent.iterdir()] == ["third.jpg"]
+    assert processor.process([third])[0].status == "classified"
+    assert totals(settings)["sightings"] == 3
 
 
 def test_same_bytes_twice_gives_one_prediction_and_two_sightings(on_each_database: tuple[Processor, Settings]) -> None:
@@ -290,7 +309,7 @@ def test_recover_finishes_a_committed_arrival_without_counting_it_twice(
     # Simulate a crash between commit and archive: put the file back into work/.
     with Session(processor.engine) as session:
         archived = Path(session.scalars(select(ImageRow)).one().archive_path)
-    item.work_path.parent.mkdir()
+    item.work_path.parent.mkdir(exist_ok=True)
     archived.rename(item.work_path)
     outcomes = processor.recover()
     assert [o.status for o in outcomes] == ["classified"]

@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from dermwatch.config import Settings, load_settings
-from dermwatch.pipeline.claim import claim
+from dermwatch.pipeline.claim import ClaimFolders, claim
 from dermwatch.pipeline.workers import WORKER_PREFIX, LeaseLost, Membership, worker_session_name
 from dermwatch.store.db import ensure_schema, make_engine
 from dermwatch.store.models import Worker, utc_now
@@ -55,7 +55,7 @@ def test_a_worker_frozen_inside_a_transaction_is_cut_off_and_its_files_taken_ove
     ensure_schema(engine)
     frozen_engine = make_engine(settings.database_url, session_name=worker_session_name())
     frozen = Membership(frozen_engine, settings.paths.work, settings.worker_lease_seconds)
-    claimed = claim(write_jpeg(settings.paths.intake / "in-hand.jpg", seed=32), frozen.work_dir)
+    claimed = claim(write_jpeg(settings.paths.intake / "in-hand.jpg", seed=32), frozen.work_dir, ClaimFolders())
     with Session(engine) as session, session.begin():  # silent for longer than the lease
         session.execute(update(Worker).where(Worker.id == frozen.id)
                         .values(heartbeat_at=utc_now() - timedelta(seconds=10)))
@@ -80,7 +80,7 @@ def test_a_dead_workers_claims_go_to_exactly_one_survivor(config_file: Path, pos
     ensure_schema(engine)
     dead = Membership(engine, settings.paths.work, settings.worker_lease_seconds)
     photo = write_jpeg(settings.paths.intake / "left-behind.jpg", seed=31)
-    claimed = claim(photo, dead.work_dir)
+    claimed = claim(photo, dead.work_dir, ClaimFolders())
     with Session(engine) as session, session.begin():  # silent for longer than the lease
         session.execute(update(Worker).where(Worker.id == dead.id)
                         .values(heartbeat_at=utc_now() - timedelta(seconds=10)))

@@ -80,15 +80,14 @@ def new_token() -> str:
     return f"{time.time_ns():016x}{secrets.token_hex(4)}"
 
 
-def claim(path: Path, work_dir: Path) -> Claimed | None:
+def claim(path: Path, work_dir: Path, folders: ClaimFolders) -> Claimed | None:
     """Move ``path`` (and ``<stem>.json`` beside it) into a new claim folder; None if it vanished.
 
     Raises :class:`Unmovable` when the file cannot be moved, :class:`TransientFault` when
     the disk is full.
     """
     token = new_token()
-    folder = work_dir / token
-    _guard_disk(lambda: folder.mkdir(parents=True))  # a worker's own folder comes and goes (workers.py)
+    folder = folders.make(work_dir, token)
     work_path = folder / path.name
     try:
         moved = _move(path, work_path)
@@ -98,7 +97,7 @@ def claim(path: Path, work_dir: Path) -> Claimed | None:
             raise TransientFault(f"disk full: cannot move files into {work_dir} ({error.strerror})") from None
         raise Unmovable(error.strerror or str(error)) from None
     if not moved:
-        folder.rmdir()
+        folders.keep(folder)
         return None
     sidecar = sidecar_of(path)
     work_sidecar = folder / CLAIMED_SIDECAR
@@ -107,6 +106,59 @@ def claim(path: Path, work_dir: Path) -> Claimed | None:
     except OSError:  # left in intake: it is then handled as a sidecar that came late
         has_sidecar = False
     return Claimed(token, work_path, path.name, work_sidecar if has_sidecar else None)
+
+
+class ClaimFolders:
+    """Makes the folder each claim lives in, by renaming one that an earlier claim emptied.
+
+    On this ext4 disk (with training on the cores) a mkdir and an rmdir took 130-290 us
+    together, a directory rename 15-20 us; claiming and archiving 384 files went from 230-340
+    to 100-130 us a file.
+    So a released folder is kept, empty, as a spare, and the next claim renames it to its own
+    token (never reused: the token is what a restart looks up). Spares hold nothing, so a
+    crash loses nothing: reclaim() removes empty folders. drop_spares() removes them once the
+    intake is idle, so that state/work/ is empty between bursts.
+    """
+
+    def __init__(self) -> None:
+        self._spares: list[Path] = []
+
+    def make(self, work_dir: Path, token: str) -> Path:
+        """A new, empty folder ``work_dir/token``."""
+        folder = work_dir / token
+        while self._spares:
+            try:
+                os.rename(self._spares.pop(), folder)
+                return folder
+            except OSError:
+                continue  # removed meanwhile (reclaim() after a take-over), or work_dir is new: make one
+        _guard_disk(lambda: folder.mkdir(parents=True))  # a worker's own folder comes and goes (workers.py)
+        return folder
+
+    def release(self, item: Claimed) -> None:
+        """The claim's files have been placed elsewhere: keep its folder as a spare, if empty."""
+        folder = item.work_path.parent
+        if folder.name != item.token:
+            return  # a flat work file of a version before claim folders
+        try:
+            empty = not os.listdir(folder)
+        except FileNotFoundError:
+            return
+        if empty:
+            self.keep(folder)
+        else:  # something stray (not this claim's): never let it ride into the next one
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def keep(self, folder: Path) -> None:
+        self._spares.append(folder)
+
+    def drop_spares(self) -> None:
+        """Remove the spare folders (the intake is idle, or the service stops)."""
+        while self._spares:
+            try:
+                self._spares.pop().rmdir()
+            except OSError:
+                pass  # gone already, or someone put a file in it: reclaim() sees to it
 
 
 def reclaim(work_dir: Path) -> list[Claimed]:
@@ -139,16 +191,6 @@ def _legacy_claim(path: Path) -> list[Claimed]:
         return []
     sidecar = path.with_name(f"{token}{LEGACY_SEPARATOR}{Path(name).stem}{SIDECAR_SUFFIX}")
     return [Claimed(token, path, name, sidecar if sidecar.exists() else None)]
-
-
-def release(item: Claimed) -> None:
-    """Remove the claim folder once its files have been placed elsewhere."""
-    folder = item.work_path.parent
-    if folder.name == item.token:
-        try:
-            folder.rmdir()  # empty, as a rule: one system call
-        except OSError:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _move(source: Path, target: Path) -> bool:

@@ -36,13 +36,13 @@ from dermwatch.permissions import process_umask
 from dermwatch.pipeline.claim import (
     PLACED_NAME_MAX,
     Claimed,
+    ClaimFolders,
     Unmovable,
     archive_name,
     claim,
     new_token,
     place,
     reclaim,
-    release,
 )
 from dermwatch.pipeline.classifier import Classifier
 from dermwatch.pipeline.decode import read_model_input
@@ -116,8 +116,17 @@ class Processor:
         self.umask = process_umask()
         self.doing = IN_A_STEP  # what holds it up, if something does (watcher/health.py, StallWatch)
         self.unmovable = _unmovable_recorded(engine)  # intake paths recorded as "cannot take it out"
+        self.claim_folders = ClaimFolders()
+
+    def tidy(self) -> None:
+        """Idle, or about to stop: remove the spare claim folders, and on PostgreSQL this
+        worker's folder while it holds no claim."""
+        self.claim_folders.drop_spares()
+        if self.membership is not None:
+            self.membership.tidy()
 
     def close(self) -> None:
+        self.claim_folders.drop_spares()
         self.lanes.close()
         self.engine.dispose()
 
@@ -147,7 +156,7 @@ class Processor:
     def claim(self, path: Path) -> Claimed | None:
         """Take ``path`` into state/work/; None if it vanished or cannot be moved (recorded once)."""
         try:
-            claimed = claim(path, self.work_dir)
+            claimed = claim(path, self.work_dir, self.claim_folders)
         except Unmovable as error:
             self._record_unmovable(path, str(error))
             return None
@@ -401,14 +410,14 @@ class Processor:
         if item.sidecar_path is not None:
             self._place(item.sidecar_path, target.parent, f"{target.stem}.json")
         self._place(item.work_path, target.parent, target.name)
-        release(item)
+        self.claim_folders.release(item)
 
     def _quarantine(self, item: Claimed) -> None:
         name = _quarantine_name(item)
         if item.sidecar_path is not None:
             self._place(item.sidecar_path, self.paths.quarantine, f"{Path(name).stem}.json")
         self._place(item.work_path, self.paths.quarantine, name)
-        release(item)
+        self.claim_folders.release(item)
 
     def _place(self, source: Path, folder: Path, name: str) -> None:
         """Move a recorded arrival's file on. One that has left state/work/ meanwhile (deleted

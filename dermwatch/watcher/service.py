@@ -143,6 +143,7 @@ def _run_once(settings: Settings, reread: Callable[[], Settings]) -> Settings | 
             thread.join(timeout=30)
         health.publish(settings.paths.state, "stopped")
         health.close()
+        processor.tidy()
         if membership is not None:
             _guarded_leave(membership)
             (settings.paths.state / health.status_file).unlink(missing_ok=True)
@@ -233,6 +234,7 @@ class Intake:
             else:
                 ready = self.tracker.take_ready(self.settings.model.batch_size)
                 if not ready:
+                    self.processor.tidy()
                     return False
                 self._take(ready, until)
         except LeaseLost:
@@ -243,14 +245,13 @@ class Intake:
             return False
         self.backoff.reset()
         self.health.recovered("intake")
-        if self.processor.membership is not None and not self.in_hand:
-            self.processor.membership.tidy()
         return True
 
     def lease_lost(self) -> None:
         """This worker was silent past its lease (stopped, frozen) and another took its claims:
         drop them unrecorded, and go on as a new worker (pipeline/workers.py, LeaseLost)."""
         self.in_hand = []
+        self.processor.claim_folders.drop_spares()  # in the folder that was taken over
         self.processor.membership.rejoin()
 
     def _take(self, ready: list[Path], until: float) -> None:
