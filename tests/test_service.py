@@ -54,6 +54,8 @@ def test_burst_of_200_images_gives_200_predictions(start_service, any_database_c
     for i in range(200):
         write_jpeg(settings.paths.intake / f"burst-{i:03d}.jpg", seed=1000 + i)
     wait_until(lambda: totals(settings)["predictions"] == 200, 120, "200 predictions")
+    # The emptied claim folders kept for the burst go once the intake is idle, service still running.
+    wait_until(lambda: list(settings.paths.work.iterdir()) == [], 10, "state/work/ empty while idle")
     assert service.stop() == 0
     counts = totals(settings)
     assert (counts["images"], counts["sightings"], counts["quarantined"]) == (200, 200, 0)

@@ -52,6 +52,9 @@ TICK_SECONDS = 0.2
 #: lanes (its last batch is stored while they idle), so a step should not end in the middle
 #: of a burst merely because the observer's events come a moment later than the files.
 LINGER_SECONDS = 0.1
+#: How long the intake must have had nothing to take before the spare claim folders are
+#: removed (pipeline/claim.py, ClaimFolders): a burst has gaps while the observer catches up.
+TIDY_AFTER_SECONDS = 2.0
 #: How soon a sidecar waiting for its image (or its grace period) is looked at again.
 SIDECAR_RECHECK_SECONDS = 1.0
 #: The STATUS= counts wait at most this long for a locked database: the heartbeat that
@@ -212,6 +215,7 @@ class Intake:
         self.in_hand: list[Claimed] = processor.leftovers()
         self.backoff = Backoff()
         self.retry_at = 0.0
+        self.worked_at: float | None = time.monotonic()  # None once tidied after the last work
 
     def scan(self) -> int:
         """Look through the whole intake folder; a subfolder it may not list is a fault until mended."""
@@ -234,7 +238,7 @@ class Intake:
             else:
                 ready = self.tracker.take_ready(self.settings.model.batch_size)
                 if not ready:
-                    self.processor.tidy()
+                    self._tidy_when_idle()
                     return False
                 self._take(ready, until)
         except LeaseLost:
@@ -245,7 +249,13 @@ class Intake:
             return False
         self.backoff.reset()
         self.health.recovered("intake")
+        self.worked_at = time.monotonic()
         return True
+
+    def _tidy_when_idle(self) -> None:
+        if self.worked_at is not None and time.monotonic() - self.worked_at >= TIDY_AFTER_SECONDS:
+            self.processor.tidy()
+            self.worked_at = None
 
     def lease_lost(self) -> None:
         """This worker was silent past its lease (stopped, frozen) and another took its claims:
