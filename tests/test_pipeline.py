@@ -71,6 +71,17 @@ def test_good_jpeg_is_classified_stored_and_archived(on_each_database: tuple[Pro
     assert list(processor.work_dir.glob("*")) == []  # on PostgreSQL the worker's own folder is gone too
 
 
+def test_a_spare_claim_folder_removed_behind_the_service_is_made_anew(processor: Processor,
+                                                                     settings: Settings) -> None:
+    first = processor.claim(write_jpeg(settings.paths.intake / "first.jpg", seed=24))
+    processor.process([first])
+    assert processor.recover() == []  # reclaim() removes empty folders, the spare among them
+    assert list(processor.work_dir.iterdir()) == []
+    second = processor.claim(write_jpeg(settings.paths.intake / "second.jpg", seed=25))
+    assert second is not None and second.work_path.is_file()
+    assert processor.process([second])[0].status == "classified"
+
+
 def test_a_claim_folder_is_reused_under_a_new_token_and_strays_never_ride_along(processor: Processor,
                                                                                  settings: Settings) -> None:
     first = processor.claim(write_jpeg(settings.paths.intake / "first.jpg", seed=21))
