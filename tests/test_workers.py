@@ -105,7 +105,10 @@ def test_two_workers_share_a_burst_and_a_killed_one_costs_nothing(config_file: P
         staging = tmp_path / "staging"
         for i in range(total):
             write_jpeg(staging / f"w{i:03d}.jpg", seed=3000 + i).rename(settings.paths.intake / f"w{i:03d}.jpg")
-        wait_until(lambda: totals(settings)["predictions"] >= 15, 60, "the burst under way")
+        # Killed only once both have classified: on a busy machine one worker can take the
+        # first dozens of files before the other gets a core.
+        logs = [tmp_path / f"worker-{n}.log" for n in range(2)]
+        wait_until(lambda: all("P(melanoma)" in log.read_text() for log in logs), 60, "both workers classifying")
         victim, survivor = workers
         victim.process.send_signal(signal.SIGKILL)
         victim.process.wait()
@@ -133,8 +136,6 @@ def test_two_workers_share_a_burst_and_a_killed_one_costs_nothing(config_file: P
     (listed,) = status["workers"]
     assert listed["pid"] == survivor.process.pid and listed["state"] == "alive" and listed["leading"]
     assert status["service"] == "1 worker(s) running" and status["images"] == status["predictions"] == total
-    for n in range(2):  # both took part
-        assert "P(melanoma)" in (tmp_path / f"worker-{n}.log").read_text()
     assert all(not p.name.startswith(WORKER_PREFIX) or not any(p.iterdir()) for p in settings.paths.work.iterdir())
 
 
