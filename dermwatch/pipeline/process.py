@@ -126,7 +126,6 @@ class Processor:
             self.membership.tidy()
 
     def close(self) -> None:
-        self.claim_folders.drop_spares()
         self.lanes.close()
         self.engine.dispose()
 
