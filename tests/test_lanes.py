@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from dermwatch.errors import ModelError
+from dermwatch.modelcard import card_path, load_card
 from dermwatch.pipeline.classifier import Classifier
-from dermwatch.pipeline.lanes import open_lanes
+from dermwatch.pipeline.lanes import Lanes, lane_classifiers, open_lanes
 
 
 def test_lanes_keep_order_use_every_interpreter_and_bound_what_is_in_flight(tiny_model: Path) -> None:
@@ -51,3 +55,37 @@ def test_lanes_keep_order_use_every_interpreter_and_bound_what_is_in_flight(tiny
         assert len(started) <= 5 + 6 + 1
     finally:
         lanes.close()
+
+
+def test_a_batch_is_classified_one_image_per_invoke_as_each_image_alone(tiny_model: Path) -> None:
+    """A heatmap's 65-image batch once grew the interpreter's activations 65-fold (the service
+    went from 106 to 406 MiB); now the interpreter keeps its one-image input for life."""
+    classifier = lane_classifiers(tiny_model, 1)[0]
+    size = classifier.input_size
+    batch = np.random.default_rng(0).integers(0, 256, (65, size, size, 3), dtype=np.uint8)
+    together = classifier.predict(batch)
+    alone = np.concatenate([classifier.predict(image[np.newaxis]) for image in batch])
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    assert together.shape == (65, 9)
+    assert classifier._interpreter.get_input_details()[0]["shape"][0] == 1
+
+
+def test_the_lanes_and_the_report_interpreter_share_one_copy_of_the_model(tiny_model: Path) -> None:
+    classifiers = lane_classifiers(tiny_model, 2)
+    lanes = Lanes(classifiers)
+    try:
+        report = lanes.twin()
+        assert classifiers[1].content is classifiers[0].content and report.content is classifiers[0].content
+        assert report.content == tiny_model.read_bytes()
+    finally:
+        lanes.close()
+
+
+def test_a_model_replaced_after_its_card_was_checked_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model.tflite"
+    shutil.copy(tiny_model, model)
+    shutil.copy(card_path(tiny_model), card_path(model))
+    card = load_card(model)
+    model.write_bytes(tiny_model.read_bytes() + b"\0")
+    with pytest.raises(ModelError, match="changed after its card was checked"):
+        Classifier(model, card, threads=1)

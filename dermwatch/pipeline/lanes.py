@@ -3,9 +3,7 @@
 Each lane is a thread with its own one-thread LiteRT interpreter. Pillow's decoder and
 resize and LiteRT's invoke all release the GIL, so N lanes keep N cores busy, and while the
 service's own thread stores one batch the lanes already work on the next. Interpreters are
-never shared between threads, and each keeps a fixed one-image input shape: its memory
-does not grow with the batch (XNNPACK is no faster per image on batches, measured on the
-shipped model: 7.3 ms at 1, 7.5 ms at 16).
+never shared between threads; they share the model's bytes (see pipeline/classifier.py).
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ class Lanes:
 
     def __init__(self, classifiers: list[Classifier]) -> None:
         self.card: ModelCard = classifiers[0].card
+        self._model = classifiers[0]
         self._free: queue.SimpleQueue[Classifier] = queue.SimpleQueue()
         for classifier in classifiers:
             self._free.put(classifier)
@@ -44,6 +43,10 @@ class Lanes:
     @property
     def input_size(self) -> int:
         return self.card.input_size
+
+    def twin(self) -> Classifier:
+        """A one-thread interpreter on the lanes' model, for a thread outside the lanes."""
+        return self._model.twin(threads=1)
 
     def map(self, work: Callable[[Classifier, T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
         """``work(classifier, item)`` for each item, results in order.
@@ -80,7 +83,7 @@ def lane_classifiers(model_path: Path | None, count: int) -> list[Classifier]:
     thread switch interval lanes run at."""
     sys.setswitchinterval(SWITCH_SECONDS)  # process-wide: `run` and `process` are the lanes' own processes
     first = load_classifier(model_path, threads=1)
-    return [first, *(Classifier(first.path, first.card, threads=1) for _ in range(count - 1))]
+    return [first, *(first.twin() for _ in range(count - 1))]
 
 
 def open_lanes(model_path: Path | None, count: int) -> Lanes:

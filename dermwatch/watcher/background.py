@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from dermwatch.alerts import send_pending
 from dermwatch.config import Settings
 from dermwatch.errors import as_transient
-from dermwatch.pipeline.classifier import load_classifier
+from dermwatch.pipeline.classifier import Classifier
 from dermwatch.reports.budget import CpuBudget
 from dermwatch.reports.day import days_with_data
 from dermwatch.reports.pictures import RenderInterrupted
@@ -68,21 +68,22 @@ class _Worker(threading.Thread):
 
 
 class ReportWorker(_Worker):
-    """Writes reports on the schedule of watcher/schedule.py, with its own LiteRT interpreter."""
+    """Writes reports on the schedule of watcher/schedule.py, with its own LiteRT interpreter
+    (``heatmaps``, used by this thread only) for the heatmaps."""
 
-    def __init__(self, settings: Settings, engine: Engine, stop: threading.Event, health: Health) -> None:
+    def __init__(self, settings: Settings, engine: Engine, heatmaps: Classifier, stop: threading.Event,
+                 health: Health) -> None:
         super().__init__("reports", stop, health)
         self.settings = settings
         self.engine = engine
+        self.heatmaps = heatmaps
         self.latest: dict[date, datetime] = {}
         self.checked_at: datetime | None = None
         self.site_shown: tuple | None = None  # site_state() when today's report was last written
 
     def prepare(self) -> None:
-        # Interpreters are not shared between threads: this one serves the heatmaps.
-        classifier = load_classifier(self.settings.model.path, threads=1)
         budget = CpuBudget(self.settings.reports.cpu_share, self.stop)
-        self.reporter = Reporter(self.settings, self.engine, classifier, stopping=self.stop, budget=budget)
+        self.reporter = Reporter(self.settings, self.engine, self.heatmaps, stopping=self.stop, budget=budget)
         self.schedule = ReportSchedule(self.settings.reports, rendered_times(self.settings.paths.reports))
 
     def round(self) -> None:
