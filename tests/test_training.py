@@ -274,6 +274,8 @@ def test_training_repeats_and_a_seed_ensemble_averages_its_members(planted: dict
     assert exported.exit_code == 0, exported.output
     card = json.loads((ensemble_dir / "export" / "dermwatch-float32.json").read_text())
     assert [m["seed"] for m in card["training"]["ensemble_members"]] == [5, 6]
+    page = " ".join((ensemble_dir / "export" / "dermwatch-float32.html").read_text().split())
+    assert "the mean of 2 networks' logits" in page and "seed 5 (<code>" in page and "seed 6 (<code>" in page
     assert card["version"].startswith("dermnet32x2-") and card["export_check"]["top1_agreement"] == 1.0
     # Members on another split, or fed another input, are refused with the reason.
     for key, value in (("data_fingerprint", "0" * 64), ("crop", "lesion")):
@@ -532,8 +534,8 @@ def test_card_names_its_intended_use_and_its_worst_source(tmp_path: Path) -> Non
 
 
 def test_the_default_recipe_trains_the_shipped_model() -> None:
-    """README's promise: `dermwatch train --seed 1 --split-seed 0`, all else default, is the shipped
-    model's recipe, from the ImageNet weights the card names."""
+    """README's promise: the shipped model averages `dermwatch train --seed 0 --split-seed 0` and
+    `--seed 1 --split-seed 0`, all else default, from the ImageNet weights the card names."""
     from dataclasses import asdict
 
     from dermwatch.modelcard import load_card, shipped_model_path
@@ -541,8 +543,8 @@ def test_the_default_recipe_trains_the_shipped_model() -> None:
     from dermwatch.training.options import TrainOptions
 
     training = load_card(shipped_model_path()).document["training"]
-    defaults = asdict(TrainOptions(seed=1, split_seed=0))
-    assert training["options"] == defaults
+    assert [member["seed"] for member in training["ensemble_members"]] == [0, 1]
+    assert training["options"] == asdict(TrainOptions(seed=0, split_seed=0))  # the first member's
     assert training["initial_weights"] == asdict(IMAGENET_WEIGHTS)
 
 
@@ -584,6 +586,28 @@ def test_a_recipe_measured_again_replaces_only_its_own_rows_in_the_card() -> Non
     assert merged == (rows("shipped", "a", "b") + rows("screened", "b", "a", "c") + rows("previous", "a")
                       + rows("new", "a"))
     assert merge_rows([], rows("new", "a")) == rows("new", "a")
+
+
+def test_shipping_keeps_the_recipe_table_the_choice_was_made_on(tiny_model: Path, tmp_path: Path) -> None:
+    from dermwatch.modelcard import card_path, load_card, write_card
+    from dermwatch.training.export import ship
+    from dermwatch.training.seed_table import SEED_METRICS
+
+    table = [{"recipe": "previous", "source": "external:derm7pt", "seeds": 2, "images": 486,
+              **{key: [0.8, 0.7, 0.9] for key, _ in SEED_METRICS}}]
+    shipped = ship(tiny_model, tmp_path / "models")
+    assert "seed_table" not in load_card(shipped).document
+    write_card(shipped, {**load_card(shipped).document, "seed_table": table})
+
+    shipped = ship(tiny_model, tmp_path / "models")  # the next model replaces it: the table stays
+    assert load_card(shipped).document["seed_table"] == table
+    assert "Recipes over seeds" in shipped.with_suffix(".html").read_text()
+
+    own = tmp_path / "own" / "model.tflite"  # a model whose card has a table of its own keeps that one
+    own.parent.mkdir()
+    shutil.copy(tiny_model, own)
+    write_card(own, {**json.loads(card_path(tiny_model).read_text()), "seed_table": []})
+    assert load_card(ship(own, tmp_path / "models")).document["seed_table"] == []
 
 
 def test_melanoma_vs_nevus_auc_ignores_the_easy_negatives() -> None:

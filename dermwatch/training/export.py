@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from dermwatch.labels import CLASS_NAMES
-from dermwatch.modelcard import SHIPPED_MODEL_NAME, load_card, write_card
+from dermwatch.modelcard import SHIPPED_MODEL_NAME, card_path, load_card, write_card
 from dermwatch.pipeline.classifier import Classifier
 from dermwatch.preprocess import RESAMPLE, model_view
 from dermwatch.training.audit import ManifestRow
@@ -194,9 +194,11 @@ RANKING_FIGURES = ("accuracy", "balanced_accuracy", "melanoma_roc_auc", "melanom
 #: judges which melanoma the quantile landed on as much as the rounding.
 OPERATING_POINT_FIGURES = ("melanoma_sensitivity", "melanoma_specificity")
 #: The largest model file the service can hold within its 150 MiB (issue 21): it keeps one
-#: interpreter per core, each holding the file and XNNPACK's packed copy of its weights.
-#: Measured on 2 cores: EfficientNet-Lite0 with int8 weights (3.7 MB) peaked at 133 MiB, in
-#: float32 (13.4 MB) at 168 MiB, about 3.6 MiB per MB of file; 8 MB stays within the bar.
+#: interpreter per core, each with XNNPACK's packed copy of the weights, beside one shared copy
+#: of the file. Measured on 2 cores when each interpreter still mapped the file itself:
+#: EfficientNet-Lite0 with int8 weights (3.7 MB) peaked at 133 MiB, in float32 (13.4 MB) at
+#: 168 MiB, about 3.6 MiB per MB of file; since the file is shared, two of them averaged
+#: (7.5 MB) peak at 133 MiB. 8 MB stays within the bar.
 MAX_SHIPPED_BYTES = 8_000_000
 
 
@@ -248,11 +250,20 @@ def choose_shipped(paths: list[Path], tolerance: float = 0.01, operating_toleran
 
 
 def ship(model_path: Path, models_dir: Path) -> Path:
-    """Copy a model, its card and its HTML card into the package as the default model."""
+    """Copy a model, its card and its HTML card into the package as the default model.
+
+    The card of the model it replaces may hold the recipes-over-seeds table (bench/seeds.py
+    --card) that the choice was made on: the new card keeps it, unless it has one of its own.
+    """
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / SHIPPED_MODEL_NAME
+    document = load_card(model_path).document
+    replaced = card_path(target)
+    if "seed_table" not in document and replaced.is_file():
+        kept = json.loads(replaced.read_text()).get("seed_table")
+        document = document if kept is None else {**document, "seed_table": kept}
     target.write_bytes(model_path.read_bytes())
-    write_card_and_html(target, load_card(model_path).document)
+    write_card_and_html(target, document)
     return target
 
 
