@@ -70,14 +70,39 @@ def test_a_batch_is_classified_one_image_per_invoke_as_each_image_alone(tiny_mod
     assert classifier._interpreter.get_input_details()[0]["shape"][0] == 1
 
 
-def test_the_lanes_and_the_report_interpreter_share_one_copy_of_the_model(tiny_model: Path) -> None:
+def test_the_report_borrows_a_free_lane_interpreter_and_all_share_one_copy_of_the_model(tiny_model: Path) -> None:
     classifiers = lane_classifiers(tiny_model, 2)
+    assert classifiers[1].content is classifiers[0].content
     lanes = Lanes(classifiers)
+    size = lanes.input_size
+    pixels = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    release = threading.Event()
+    busy: list[int] = []
+
+    def hold(classifier: Classifier, item: int) -> int:
+        busy.append(item)
+        release.wait(10)
+        return item
+
     try:
-        report = lanes.twin()
-        assert classifiers[1].content is classifiers[0].content and report.content is classifiers[0].content
-        assert report.content == tiny_model.read_bytes()
+        np.testing.assert_allclose(lanes.predict(pixels), classifiers[0].predict(pixels), atol=1e-6)
+        # While both lanes hold their interpreters, the report's call waits for one: it never
+        # shares an interpreter with a lane, and there is no third one.
+        held = threading.Thread(target=lambda: list(lanes.map(hold, range(2), ahead=2)))
+        held.start()
+        while len(busy) < 2:
+            time.sleep(0.01)
+        borrowed: list[np.ndarray] = []
+        borrower = threading.Thread(target=lambda: borrowed.append(lanes.predict(pixels)))
+        borrower.start()
+        borrower.join(0.3)
+        assert borrower.is_alive() and not borrowed
+        release.set()
+        borrower.join(10)
+        held.join(10)
+        assert len(borrowed) == 1 and borrowed[0].shape == (3, 9)
     finally:
+        release.set()
         lanes.close()
 
 

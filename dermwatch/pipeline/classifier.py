@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
@@ -15,6 +16,18 @@ from dermwatch.modelcard import ModelCard, load_card, shipped_model_path
 from dermwatch.preprocess import model_view
 
 log = logging.getLogger(__name__)
+
+
+class Predictor(Protocol):
+    """What classifies for a caller that needs no interpreter of its own: a Classifier, or the
+    lanes lending theirs (pipeline/lanes.py)."""
+
+    card: ModelCard
+
+    @property
+    def input_size(self) -> int: ...
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray: ...
 
 
 class Classifier:

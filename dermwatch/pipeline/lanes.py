@@ -2,8 +2,9 @@
 
 Each lane is a thread with its own one-thread LiteRT interpreter. Pillow's decoder and
 resize and LiteRT's invoke all release the GIL, so N lanes keep N cores busy, and while the
-service's own thread stores one batch the lanes already work on the next. Interpreters are
-never shared between threads; they share the model's bytes (see pipeline/classifier.py).
+service's own thread stores one batch the lanes already work on the next. An interpreter
+serves one thread at a time: a lane's, or, between two items, the report's heatmaps
+(Lanes.predict). All of them share the model's bytes (see pipeline/classifier.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
+
+import numpy as np
 
 from dermwatch.modelcard import ModelCard
 from dermwatch.pipeline.classifier import Classifier, load_classifier
@@ -34,7 +37,6 @@ class Lanes:
 
     def __init__(self, classifiers: list[Classifier]) -> None:
         self.card: ModelCard = classifiers[0].card
-        self._model = classifiers[0]
         self._free: queue.SimpleQueue[Classifier] = queue.SimpleQueue()
         for classifier in classifiers:
             self._free.put(classifier)
@@ -44,9 +46,11 @@ class Lanes:
     def input_size(self) -> int:
         return self.card.input_size
 
-    def twin(self) -> Classifier:
-        """A one-thread interpreter on the lanes' model, for a thread outside the lanes."""
-        return self._model.twin(threads=1)
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """Classify with the first interpreter a lane is not using, for a thread outside the
+        lanes (the report's heatmaps): the service then holds no interpreter beyond one per
+        lane, each of which packs its own copy of the weights (13 MiB for the shipped pair)."""
+        return self._lend(lambda classifier, batch: classifier.predict(batch), pixels)
 
     def map(self, work: Callable[[Classifier, T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
         """``work(classifier, item)`` for each item, results in order.

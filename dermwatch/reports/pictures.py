@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from dermwatch.labels import CLASS_NAMES, MELANOMA
-from dermwatch.pipeline.classifier import Classifier
+from dermwatch.pipeline.classifier import Predictor
 from dermwatch.pipeline.decode import read_model_input, read_rgb
 from dermwatch.preprocess import SURROUND_LUMINANCE
 from dermwatch.reports.atomic import write_atomically
@@ -37,7 +37,7 @@ class RenderInterrupted(Exception):
 class Pictures:
     """Makes and caches the inline pictures of a report."""
 
-    def __init__(self, cache_dir: Path, classifier: Classifier | None, max_pixels: int,
+    def __init__(self, cache_dir: Path, classifier: Predictor | None, max_pixels: int,
                  stopping: threading.Event | None = None, budget: CpuBudget | None = None) -> None:
         self.cache_dir = cache_dir
         self.classifier = classifier
@@ -90,7 +90,7 @@ class Pictures:
         return _data_uri(cached.read_bytes())
 
 
-def occlusion_map(classifier: Classifier, pixels: np.ndarray, grid: int = OCCLUSION_GRID) -> np.ndarray:
+def occlusion_map(classifier: Predictor, pixels: np.ndarray, grid: int = OCCLUSION_GRID) -> np.ndarray:
     """grid x grid drops in P(melanoma) when each cell is hidden.
 
     0 where hiding the cell did not lower it, and on the dark border (see :func:`dark_cells`).

@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 from dermwatch.config import Settings
 from dermwatch.labels import CLASS_NAMES, MALIGNANT, display_name
 from dermwatch.modelcard import ModelCard
-from dermwatch.pipeline.classifier import Classifier
+from dermwatch.pipeline.classifier import Predictor
 from dermwatch.pipeline.sidecar import SIDECAR_KEYS
 from dermwatch.reports.atomic import write_atomically
 from dermwatch.reports.budget import CpuBudget
@@ -198,7 +198,7 @@ def neutralised(value):
 class Reporter:
     """What rendering needs, opened once: database, model card, picture cache, settings."""
 
-    def __init__(self, settings: Settings, engine: Engine, classifier: Classifier | None,
+    def __init__(self, settings: Settings, engine: Engine, classifier: Predictor | None,
                  stopping: threading.Event | None = None, budget: CpuBudget | None = None) -> None:
         self.settings = settings
         self.engine = engine

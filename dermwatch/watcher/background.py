@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from dermwatch.alerts import send_pending
 from dermwatch.config import Settings
 from dermwatch.errors import as_transient
-from dermwatch.pipeline.classifier import Classifier
+from dermwatch.pipeline.classifier import Predictor
 from dermwatch.reports.budget import CpuBudget
 from dermwatch.reports.day import days_with_data
 from dermwatch.reports.pictures import RenderInterrupted
@@ -68,10 +68,10 @@ class _Worker(threading.Thread):
 
 
 class ReportWorker(_Worker):
-    """Writes reports on the schedule of watcher/schedule.py, with its own LiteRT interpreter
-    (``heatmaps``, used by this thread only) for the heatmaps."""
+    """Writes reports on the schedule of watcher/schedule.py; ``heatmaps`` classifies the
+    occluded copies (the service's lanes, lending an interpreter)."""
 
-    def __init__(self, settings: Settings, engine: Engine, heatmaps: Classifier, stop: threading.Event,
+    def __init__(self, settings: Settings, engine: Engine, heatmaps: Predictor, stop: threading.Event,
                  health: Health) -> None:
         super().__init__("reports", stop, health)
         self.settings = settings

@@ -94,7 +94,7 @@ def _run_once(settings: Settings, reread: Callable[[], Settings]) -> Settings | 
     found = intake.scan()
     log.info("watching %s (%s); %d file(s) waiting", settings.paths.intake,
              "polling" if settings.watcher.polling else "inotify", found)
-    workers = [ReportWorker(settings, processor.engine, processor.lanes.twin(), stop, health)]
+    workers = [ReportWorker(settings, processor.engine, processor.lanes, stop, health)]
     if settings.alerts.channels:
         workers.append(AlertWorker(settings, processor.engine, stop, health))
     if membership is None:
