@@ -38,7 +38,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         photos = make_photos(args.data, root / "intake-batch", args.count)
-        config = write_config(root, model, threads=2)
+        config = write_config(root, model)
         config.write_text(config.read_text() + '[site]\nname = "Benchmark clinic"\n')
         subprocess.run([sys.executable, "-m", "dermwatch", "process", "--config", str(config),
                         str(root / "intake-batch")], check=True, capture_output=True)

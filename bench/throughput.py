@@ -13,16 +13,19 @@ Makes full-size JPEGs (1024x768) by upscaling data-set images, then measures on 
      median ratio. The bound, CORES / (decode + one-thread inference, each timed alone),
      is printed beside it;
   3. `dermwatch process` on the same files;
-  4. with --postgres: two `dermwatch run` workers on one config sharing a throwaway
+  4. with --report: one more `dermwatch run` whose day's report (every thumbnail, a heatmap
+     per flagged image) is written right after the burst: its peak memory with the report;
+  5. with --postgres: two `dermwatch run` workers on one config sharing a throwaway
      PostgreSQL server (started as in the tests), the same burst.
 
-    python bench/throughput.py --data ../shared/data/isic9/Train [--count 400] [--runs 5] [--postgres]
+    python bench/throughput.py --data ../shared/data/isic9/Train [--count 400] [--runs 5] [--report] [--postgres]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import multiprocessing
 import multiprocessing.synchronize
 import os
@@ -124,10 +127,14 @@ def measure_floor(photos: list[Path], folder: Path, model: Path, cores: int) -> 
     return archived / elapsed
 
 
-def write_config(folder: Path, model: Path, database_url: str | None = None) -> Path:
+#: For --report: the day's report is written 1 s after the burst, its pictures on a whole core.
+REPORT_SOON = "[reports]\nquiet_seconds = 1.0\ncpu_share = 1.0\n"
+
+
+def write_config(folder: Path, model: Path, database_url: str | None = None, extra: str = "") -> Path:
     config = folder / "config.toml"
     database = f'[database]\nurl = "{database_url}"\n' if database_url else ""
-    config.write_text(f'[model]\npath = "{model}"\n[watcher]\nsettle_seconds = 0.5\n{database}')
+    config.write_text(f'[model]\npath = "{model}"\n[watcher]\nsettle_seconds = 0.5\n{database}{extra}')
     return config
 
 
@@ -208,6 +215,35 @@ def service_run(photos: list[Path], folder: Path, model: Path, workers: int = 1,
     return len(photos) / seconds, services.ready_kib, peak, codes, cpu / len(photos)
 
 
+def report_run(photos: list[Path], folder: Path, model: Path, timeout: float = 3600.0) -> tuple[int, int, float]:
+    """(peak KiB after the burst, peak KiB once the day's report lists every photo, seconds from
+    the last commit to that report) for one `dermwatch run` on SQLite: what a clinic's service
+    holds when the report after a burst draws every thumbnail and every flagged image's heatmap."""
+    folder.mkdir()
+    services = Services(folder, write_config(folder, model, extra=REPORT_SOON), 1)
+    try:
+        burst(photos, folder, f"sqlite:///{folder / 'var' / 'dermwatch.db'}")
+        after_burst = services.peak_kib()[0]
+        started = time.perf_counter()
+        reports = folder / "var" / "reports"
+        while _reported_images(reports) < len(photos):
+            if time.perf_counter() - started > timeout:
+                raise RuntimeError(f"no report listed all {len(photos)} photos within {timeout:.0f} s")
+            time.sleep(0.5)
+        return after_burst, services.peak_kib()[0], time.perf_counter() - started
+    finally:
+        services.stop()
+
+
+def _reported_images(reports: Path) -> int:
+    """Images in the newest day's JSON report (0 before there is one, or while it is replaced)."""
+    days = sorted(reports.glob("????-??-??.json"))
+    try:
+        return int(json.loads(days[-1].read_text())["images"]) if days else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def process_run(photos: list[Path], folder: Path, model: Path) -> float:
     folder.mkdir()
     config = write_config(folder, model)
@@ -234,6 +270,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1,
                         help="service runs, each between two measurements of the floor: on shared cores the "
                              "speed moves by a quarter from one minute to the next, so read the median")
+    parser.add_argument("--report", action="store_true",
+                        help="also one service run that writes the day's report after the burst (thumbnails, "
+                             "heatmaps of the flagged images), for its peak memory")
     parser.add_argument("--postgres", action="store_true",
                         help="also run two workers on a throwaway PostgreSQL server (needs Debian's postgresql)")
     args = parser.parse_args()
@@ -262,6 +301,10 @@ def main() -> None:
             print(f"dermwatch run over {args.runs} runs: median {statistics.median(ratios):.2f}x the floor "
                   f"(lowest {min(ratios):.2f}x, highest {max(ratios):.2f}x)")
         print(f"dermwatch process: {process_run(photos, root / 'process', model):.1f} images/s (with start-up)")
+        if args.report:
+            after_burst, with_report, seconds = report_run(photos, root / "report", model)
+            print(f"dermwatch run, then the day's report ({seconds:.0f} s after the last commit): peak "
+                  f"{mib([after_burst])} after the burst, {mib([with_report])} once the report is written")
         if args.postgres:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
             from tests.postgres_server import PostgresServer

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time as clock
+from collections.abc import Iterator
 from datetime import date, datetime, time, timedelta, timezone
 from html import unescape as html_unescape
 from pathlib import Path
@@ -837,3 +838,22 @@ def test_tables_keep_words_whole_on_screen_and_in_print(day_of_images, tmp_path:
     words = set(" ".join(page.extract_text() for page in printed.pages).split())
     for word in ("Notes", "Received", "Original", "Patient", "referring", "practice", "history", "shoulder"):
         assert word in words or f"{word}." in words, f"{word} is split on paper"
+
+
+def test_a_page_written_in_chunks_replaces_the_old_one_whole_or_not_at_all(tmp_path: Path) -> None:
+    """The day's page is streamed to disk chunk by chunk; a render that fails half-way (a
+    picture that cannot be drawn, the service stopping) leaves yesterday's file as it was."""
+    from dermwatch.reports.atomic import write_atomically
+
+    page = tmp_path / "2026-12-07.html"
+    write_atomically(page, (chunk.encode() for chunk in ["<html>", "ä" * 3, "</html>"]))
+    assert page.read_text() == "<html>äää</html>"
+
+    def failing() -> Iterator[bytes]:
+        yield b"<html>half"
+        raise RuntimeError("a picture could not be drawn")
+
+    with pytest.raises(RuntimeError):
+        write_atomically(page, failing())
+    assert page.read_text() == "<html>äää</html>"
+    assert [path.name for path in tmp_path.iterdir()] == [page.name]

@@ -81,14 +81,14 @@ def render_day(engine: Engine, day: date, *, reports_dir: Path, site_name: str, 
     rate = alert_rate(len(loaded.images), len(loaded.flagged), threshold.expected_flag_rate if threshold else None)
     warning = drift_warning(rate)
     outcomes = outcome_summary(engine)
-    page = _environment.get_template("report.html").render(
+    page = _environment.get_template("report.html").generate(
         day=loaded, site_name=site_name, card=card, threshold=threshold,
         threshold_words=threshold_words(card, threshold), alert_rate=rate, drift_warning=warning,
         outcomes=outcomes,
         class_counts=loaded.class_counts(), malignant=MALIGNANT, pictures=pictures, list_side=LIST_THUMBNAIL_SIDE,
         zone_name=str(zone), original_link=lambda archive_path: _relative_link(archive_path, reports_dir),
     )
-    write_atomically(stem.with_suffix(".html"), page.encode())
+    write_atomically(stem.with_suffix(".html"), (chunk.encode() for chunk in page))  # streamed: megabytes whole
     write_atomically(stem.with_suffix(".csv"), _csv(rows).encode())
     summary = {"images": len(loaded.images), "flagged": len(loaded.flagged), "rejected": len(loaded.rejected)}
     document = {
