@@ -229,8 +229,11 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     assert choose_shipped([*paths, dynamic]) == dynamic  # but dynamic first, where both are
     write_card(dynamic, {**dynamic_card, "evaluation": {"sets": {"validation": fallen}}})
     write_card(paths[1], {**int8_card, "evaluation": {"sets": {"validation": close}}})
-    with pytest.raises(NothingToShip, match=r"float32 \(.* bytes\) is larger .* melanoma_specificity \+0\.021"):
+    with pytest.raises(NothingToShip, match=r"float32 \(.* bytes\) is larger .* melanoma_specificity \(\+0\.021\)"):
         choose_shipped([*paths, dynamic], max_bytes=paths[0].stat().st_size - 1)  # the service could not hold it
+    write_card(dynamic, dynamic_card)  # within its bars, but too large: the refusal says so
+    with pytest.raises(NothingToShip, match=r"dynamic kept float32's figures but is [\d,]+ bytes"):
+        choose_shipped([*paths, dynamic], max_bytes=1)
 
     from dermwatch.modelcard import shipped_model_path
     from dermwatch.training import export
