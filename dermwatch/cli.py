@@ -16,6 +16,7 @@ from dermwatch.config import Settings, load_settings
 from dermwatch.errors import DatabaseError, DermwatchError, ModelError
 from dermwatch.labels import CLASS_NAMES, MELANOMA
 from dermwatch.logs import setup_logging
+from dermwatch.permissions import close_to_others
 from dermwatch.pipeline.claim import iter_candidates
 from dermwatch.site.commands import SITE_COMMANDS
 
@@ -67,6 +68,7 @@ def _training_command(name: str) -> click.Command:
 @click.pass_context
 def cli(context: click.Context, verbose: bool, config_path: Path | None) -> None:
     """Classify dermoscopy images as they arrive and report suspected melanoma."""
+    close_to_others()  # reports, archive and quarantine hold patient references
     setup_logging(verbose)
     if config_path is not None:  # every command that reads a config takes it as its own default
         context.default_map = {name: {"config_path": config_path} for name in context.command.list_commands(context)}

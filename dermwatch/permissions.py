@@ -1,7 +1,9 @@
 """The process umask: what every file dermwatch writes or moves may grant, and no more.
 
 Under the unit's ``UMask=0027`` reports, archive and quarantine are then readable by the
-service's group (the doctors) and by nobody else, whatever mode a file arrived with.
+service's group (the doctors) and by nobody else, whatever mode a file arrived with. Started
+by hand from a shell whose umask is 022 (the quick start), dermwatch still grants other users
+nothing: :func:`close_to_others` runs before any command.
 """
 
 from __future__ import annotations
@@ -9,6 +11,12 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+
+
+def close_to_others() -> None:
+    """Add 007 to the process umask: no file or folder dermwatch makes is open to other users.
+    Called once, single-threaded, before any command runs (the umask is per process)."""
+    os.umask(os.umask(0o077) | 0o007)
 
 
 @functools.cache

@@ -267,11 +267,14 @@ def test_a_writer_that_reopens_and_appends_gives_one_image(config_file: Path, st
     assert totals(settings)["quarantined"] == 0 and left_over(settings) == []
 
 
-def test_report_files_and_the_archive_follow_the_umask(config_file: Path, start_service) -> None:
+@pytest.mark.parametrize("umask", [0o027, 0o022], ids=["unit", "login-shell"])
+def test_report_files_and_the_archive_follow_the_umask_and_are_never_open_to_others(
+        config_file: Path, start_service, umask: int) -> None:
+    """The unit's umask (027), and a shell's (022) as in the quick start: other users get nothing."""
     # Today's report is refreshed at most every refresh_minutes: a short one, so it shows both files.
     config_file.write_text(config_file.read_text() + "[reports]\nrefresh_minutes = 0.02\n")
     settings = load_settings(config_file)
-    service = start_service(umask=0o027)
+    service = start_service(umask=umask)
     image = drop(settings.paths.intake, "mole.jpg", seed=60, sidecar={"patient_reference": "P-9"})
     assert image.name == "mole.jpg"
     (settings.paths.intake / "broken.jpg").write_bytes(b"not an image")
@@ -282,7 +285,7 @@ def test_report_files_and_the_archive_follow_the_umask(config_file: Path, start_
     written = [*settings.paths.reports.iterdir(), *settings.paths.archive.rglob("*"),
                *settings.paths.quarantine.rglob("*")]
     assert len(written) >= 8
-    for path in written:
+    for path in [*written, settings.paths.reports, settings.paths.archive]:
         assert path.stat().st_mode & 0o007 == 0, f"{path} is open to other users"
 
 
