@@ -63,15 +63,15 @@ class Classifier:
             self._interpreter.resize_tensor_input(self._input["index"], [1, *shape[1:]])
         if self._output["shape"][-1] != len(CLASS_NAMES):
             raise ModelError(f"{model_path} has {self._output['shape'][-1]} outputs, expected {len(CLASS_NAMES)}")
-        self._allocated = False  # on first use: a twin that never classifies never packs its weights
+        self._interpreter.allocate_tensors()
 
     @property
     def input_size(self) -> int:
         return self.card.input_size
 
-    def twin(self, threads: int | None = None) -> Classifier:
+    def twin(self) -> Classifier:
         """Another interpreter on the same model bytes, for another thread."""
-        return Classifier(self.path, self.card, self.threads if threads is None else threads, self.content)
+        return Classifier(self.path, self.card, self.threads, self.content)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities (N x 9, float32) for a uint8 batch of N x size x size x 3 images.
@@ -79,9 +79,6 @@ class Classifier:
         The card's crop and colour modes are applied here, so the service, `classify`,
         evaluation and the heatmaps all feed the model what it was trained on.
         """
-        if not self._allocated:
-            self._interpreter.allocate_tensors()
-            self._allocated = True
         probabilities = np.empty((len(pixels), len(CLASS_NAMES)), np.float32)
         for index in range(len(pixels)):  # image by image: a float copy of a whole batch is 12 MiB at 65
             image = model_view(pixels[index : index + 1], self.card.colour, self.card.crop)
