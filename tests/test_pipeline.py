@@ -148,6 +148,19 @@ def _sixteen_bit(path: Path) -> Path:
     return path
 
 
+def _bmp(path: Path) -> Path:
+    """As PH2's dermatoscope software writes its images: uncompressed BMP."""
+    Image.fromarray(np.random.default_rng(11).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(path, "BMP")
+    return path
+
+
+def _tiff(path: Path) -> Path:
+    """A lossless archive copy: LZW-compressed TIFF, its directory written after the pixels."""
+    pixels = np.random.default_rng(12).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, "TIFF", compression="tiff_lzw")
+    return path
+
+
 def _exif_rotated(path: Path) -> Path:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
@@ -184,7 +197,9 @@ REJECTED = {
 
 ACCEPTED = {
     "alpha.png": (_alpha, (80, 60)),
+    "archive.tif": (_tiff, (80, 60)),
     "cmyk.jpg": (_cmyk, (80, 60)),
+    "ph2.bmp": (_bmp, (80, 60)),
     "sixteen.png": (_sixteen_bit, (64, 48)),
     "rotated.jpg": (_exif_rotated, (60, 120)),  # stored upright: sides swapped
 }
@@ -228,6 +243,23 @@ def test_exif_rotation_reaches_the_model_upright() -> None:
     upright = np.asarray(read_rgb(buffer.getvalue(), max_pixels=10**6).image)
     assert upright.shape == (120, 60, 3)
     assert upright[:50].mean() > 200 and upright[70:].mean() < 50
+
+
+@pytest.mark.parametrize("save", [{"format": "JPEG"}, {"format": "PNG"}, {"format": "BMP"},
+                                  {"format": "TIFF"}, {"format": "TIFF", "compression": "tiff_lzw"}],
+                         ids=["jpeg", "png", "bmp", "tiff", "tiff-lzw"])
+def test_an_image_cut_short_is_not_taken_for_whole(tmp_path: Path, save: dict[str, str]) -> None:
+    """A copy that pauses must not be classified (and quarantined) half-written, in any format read."""
+    from dermwatch.watcher.settle import looks_whole
+
+    whole = tmp_path / "whole"
+    Image.fromarray(np.random.default_rng(13).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(whole, **save)
+    data = whole.read_bytes()
+    assert looks_whole(whole)
+    part = tmp_path / "part"
+    for length in (len(data) - 1, len(data) // 2, 40):
+        part.write_bytes(data[:length])
+        assert not looks_whole(part), f"{length} of {len(data)} bytes"
 
 
 def test_a_fifo_is_quarantined_without_blocking(processor: Processor, settings: Settings) -> None:

@@ -116,6 +116,24 @@ def test_audit_finds_and_resolves_every_planted_defect(planted: dict[str, Path])
     assert "near-identical images with different bytes" in text and "ISIC_0400000.jpg" in text
 
 
+def test_scan_reads_every_format_the_service_reads_and_says_what_it_leaves_out(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from dermwatch.training.scan import scan_roots
+
+    root = tmp_path / "ph2"
+    jpeg = lesion_image(root / "nevus" / "IMD003.jpg", "nevus", 1)
+    Image.open(jpeg).save(root / "nevus" / "IMD004.bmp")  # PH2 as it is published
+    (root / "melanoma").mkdir()
+    Image.open(jpeg).save(root / "melanoma" / "IMD058.tif", compression="tiff_lzw")
+    (root / "melanoma" / "IMD058 notes.txt").write_text("biopsy 2019")
+    (root / "melanoma" / ".DS_Store").write_bytes(b"\0")
+    with caplog.at_level("WARNING", logger="dermwatch.training.scan"):
+        found = scan_roots([root])
+    assert sorted(f.path.name for f in found) == ["IMD003.jpg", "IMD004.bmp", "IMD058.tif"]
+    assert "1 entry left out" in caplog.text and "IMD058 notes.txt" in caplog.text
+    assert ".DS_Store" not in caplog.text and "nevus" not in caplog.text
+
+
 def test_split_keeps_lesion_groups_together_and_is_repeatable(planted: dict[str, Path]) -> None:
     first = audit([planted["root"]], planted["truth"], seed=3)
     second = audit([planted["root"]], planted["truth"], seed=3)

@@ -16,8 +16,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dermwatch.errors import RejectedImage
 from dermwatch.preprocess import to_model_input
 
-#: Formats a dermatoscope or a clinic's camera produces (MPO is a multi-picture JPEG).
-ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG"})
+#: Formats a dermatoscope or a clinic's camera produces (MPO is a multi-picture JPEG; PH2's
+#: dermatoscope wrote BMP, and archives keep lossless TIFF: of a TIFF the first page is read).
+ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF"})
 #: Smallest side that still shows a lesion; anything smaller is an icon or a mistake.
 MIN_SIDE = 32
 
@@ -80,7 +81,7 @@ def _open(source: Path | bytes) -> Path | BinaryIO:
 
 def _check_header(fmt: str, size: tuple[int, int], max_pixels: int) -> None:
     if fmt not in ACCEPTED_FORMATS:
-        raise RejectedImage(f"unsupported image format {fmt} (dermwatch reads JPEG and PNG)")
+        raise RejectedImage(f"unsupported image format {fmt} (dermwatch reads JPEG, PNG, BMP and TIFF)")
     width, height = size
     if width * height > max_pixels:
         raise RejectedImage(

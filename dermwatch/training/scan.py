@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,12 @@ from pathlib import Path
 from dermwatch.errors import DataError
 from dermwatch.labels import CLASS_NAMES
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+#: The files read as images: the formats the service reads (pipeline/decode.py), by name.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 _ISIC_ID = re.compile(r"ISIC_\d{7}")
 _SPLIT_FOLDERS = {"train": "train", "test": "test"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,11 @@ def _scan_class_folders(folder: Path, root_name: str, origin: str) -> list[Scann
             raise DataError(
                 f"{class_dir}: folder name is not one of the nine classes ({', '.join(CLASS_NAMES)})"
             )
+        left_out = []
         for path in sorted(class_dir.iterdir()):
             if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+                if not path.name.startswith("."):  # .DS_Store and the like are no one's images
+                    left_out.append(path.name)
                 continue
             match = _ISIC_ID.search(path.stem)
             files.append(
@@ -67,4 +74,8 @@ def _scan_class_folders(folder: Path, root_name: str, origin: str) -> list[Scann
                     sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                 )
             )
+        if left_out:
+            log.warning("%s: %d entr%s left out, not an image file by name (%s): %s", class_dir, len(left_out),
+                        "y" if len(left_out) == 1 else "ies", ", ".join(sorted(IMAGE_SUFFIXES)),
+                        ", ".join(left_out[:3]) + (", …" if len(left_out) > 3 else ""))
     return files

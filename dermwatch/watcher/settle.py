@@ -4,8 +4,8 @@ A file is settled when no writer holds it open (inotify tells us opens and close
 either it was closed after writing or moved in whole, or its size and mtime have not
 changed for ``settle_seconds``. Polling (network shares) only has the second rule.
 
-A JPEG or PNG that does not end the way such a file ends (a writer that reopens and
-appends per chunk, a copy that pauses) is left for up to ``incomplete_seconds`` of quiet
+A JPEG, PNG, BMP or TIFF that is shorter than such a file says it is (a writer that reopens
+and appends per chunk, a copy that pauses) is left for up to ``incomplete_seconds`` of quiet
 before it is taken anyway, and then quarantined as truncated if it really is. A file renamed
 into place is whole by then and is not opened to check.
 """
@@ -15,8 +15,12 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image, TiffImagePlugin
 
 from dermwatch.errors import RejectedImage
 from dermwatch.pipeline.regular_file import open_regular
@@ -133,21 +137,30 @@ def _state(path: Path) -> tuple[int, int] | None:
 
 _JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
 _PNG_START, _PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+_BMP_START = b"BM"  # then the file's length, 4 bytes little-endian
+_TIFF_STARTS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # little/big-endian, classic/BigTIFF
+#: Where a TIFF's first image keeps its pixels, and how many bytes each piece has: strips or tiles.
+_TIFF_PIECES = ((TiffImagePlugin.STRIPOFFSETS, TiffImagePlugin.STRIPBYTECOUNTS),
+                (TiffImagePlugin.TILEOFFSETS, TiffImagePlugin.TILEBYTECOUNTS))
 
 
 def looks_whole(path: Path) -> bool:
-    """False for a JPEG or PNG whose last bytes are not its format's end marker: still being written.
+    """False for a JPEG or PNG whose last bytes are not its format's end marker, and for a BMP
+    or TIFF shorter than its header says: still being written.
 
-    Cheap (a few bytes at each end). Anything else, or a file that cannot be read, is left
-    to the decoder to judge; so is a link, a FIFO or a device, which is never opened
-    blocking or followed here.
+    Cheap (a few bytes at each end; a TIFF's directory). Anything else, or a file that cannot
+    be read, is left to the decoder to judge; so is a link, a FIFO or a device, which is never
+    opened blocking or followed here.
     """
     try:
         with open_regular(path) as handle:
             start = handle.read(8)
-            handle.seek(0, os.SEEK_END)
-            if handle.tell() < 16:
+            size = handle.seek(0, os.SEEK_END)
+            if size < 16:
                 return True
+            if start.startswith(_TIFF_STARTS):
+                handle.seek(0)
+                return _tiff_pixels_within(handle, size)
             handle.seek(-8, os.SEEK_END)
             end = handle.read(8)
     except (OSError, RejectedImage):
@@ -156,4 +169,23 @@ def looks_whole(path: Path) -> bool:
         return end.endswith(_JPEG_END)
     if start == _PNG_START:
         return end == _PNG_END
+    if start.startswith(_BMP_START):
+        return size >= int.from_bytes(start[2:6], "little")
     return True
+
+
+def _tiff_pixels_within(handle: BinaryIO, size: int) -> bool:
+    """Whether a TIFF's first image lies within its first ``size`` bytes. Writers put the
+    directory before or after the pixels, so a file cut short lacks one or the other."""
+    try:
+        # Pillow warns of each short read; the answer here says as much.
+        with warnings.catch_warnings(action="ignore"), Image.open(handle, formats=["TIFF"]) as image:
+            tags = image.tag_v2
+            pieces = next(((tags[offsets], tags[counts]) for offsets, counts in _TIFF_PIECES
+                           if offsets in tags and counts in tags), None)
+    except (OSError, SyntaxError, ValueError, EOFError):  # UnidentifiedImageError is an OSError
+        return False
+    if pieces is None:
+        return True  # nothing to measure: the decoder judges
+    offsets, counts = (piece if isinstance(piece, tuple) else (piece,) for piece in pieces)
+    return max(offset + count for offset, count in zip(offsets, counts, strict=False)) <= size
