@@ -115,6 +115,7 @@ def test_a_stopped_run_resumes_from_its_last_epoch(planted: dict[str, Path], tmp
     records = [json.loads((tmp_path / name / "training.json").read_text()) for name in ("whole", "stopped")]
     assert records[1]["resumed_after_epoch"] == 2 and records[0]["resumed_after_epoch"] is None
     without_time = [[{k: v for k, v in e.items() if k != "seconds"} for e in r["history"]] for r in records]
+    # One seed trains one model: the stopped run's first two epochs are the whole run's.
     assert len(without_time[1]) == 3 and without_time[1][:2] == without_time[0][:2]
     assert records[1]["options"] == records[0]["options"]
     last = tmp_path / "stopped" / "checkpoint" / "epoch-003.keras"
