@@ -181,6 +181,12 @@ def _tiny(path: Path) -> Path:
     return write_jpeg(path, seed=8, size=(8, 8))
 
 
+def _heic(path: Path) -> Path:
+    """The first box of an iPhone photo (ISO media, brand heic), then its coded data."""
+    path.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(range(256)) * 40)
+    return path
+
+
 def _gif(path: Path) -> Path:
     Image.new("RGB", (64, 64), "red").save(path, "GIF")
     return path
@@ -193,6 +199,7 @@ REJECTED = {
     "bomb.png": (lambda p: png_header_only(p, 30000, 30000), "over the limit of 50000000"),
     "icon.jpg": (_tiny, "smaller than 32 pixels"),
     "anim.gif": (_gif, "unsupported image format GIF"),
+    "IMG_0042.HEIC": (_heic, "HEIC/HEIF photo (an iPhone camera's default), which dermwatch does not read"),
 }
 
 ACCEPTED = {

@@ -60,7 +60,7 @@ def read_rgb(source: Path | bytes, *, max_pixels: int, draft_size: int | None = 
     except RejectedImage:
         raise
     except UnidentifiedImageError:
-        raise RejectedImage("not an image file Pillow can read") from None
+        raise RejectedImage(_unreadable(source)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise RejectedImage(f"damaged or truncated image: {error}") from None
     if transposed:
@@ -77,6 +77,27 @@ def read_model_input(source: Path | bytes, size: int, *, max_pixels: int) -> tup
 
 def _open(source: Path | bytes) -> Path | BinaryIO:
     return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
+#: ISO media brands of HEIF still images (HEIC is an iPhone camera's default format).
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif"})
+
+
+def _unreadable(source: Path | bytes) -> str:
+    """Why Pillow could not read the file, with the way out where the kind is known."""
+    start = source[:12] if isinstance(source, bytes) else _first_bytes(source, 12)
+    if start[4:8] == b"ftyp" and start[8:12] in _HEIF_BRANDS:
+        return ("HEIC/HEIF photo (an iPhone camera's default), which dermwatch does not read: save it as JPEG "
+                "(on the iPhone: Settings > Camera > Formats > Most Compatible)")
+    return "not an image file Pillow can read"
+
+
+def _first_bytes(path: Path, count: int) -> bytes:
+    try:
+        with path.open("rb") as handle:  # Pillow has just opened it: a regular file
+            return handle.read(count)
+    except OSError:
+        return b""
 
 
 def _check_header(fmt: str, size: tuple[int, int], max_pixels: int) -> None:
