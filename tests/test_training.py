@@ -123,13 +123,14 @@ def test_scan_reads_every_format_the_service_reads_and_says_what_it_leaves_out(
     root = tmp_path / "ph2"
     jpeg = lesion_image(root / "nevus" / "IMD003.jpg", "nevus", 1)
     Image.open(jpeg).save(root / "nevus" / "IMD004.bmp")  # PH2 as it is published
+    shutil.copy(jpeg, root / "nevus" / "IMD005.jfif")  # a JPEG as Windows browsers save it
     (root / "melanoma").mkdir()
     Image.open(jpeg).save(root / "melanoma" / "IMD058.tif", compression="tiff_lzw")
     (root / "melanoma" / "IMD058 notes.txt").write_text("biopsy 2019")
     (root / "melanoma" / ".DS_Store").write_bytes(b"\0")
     with caplog.at_level("WARNING", logger="dermwatch.training.scan"):
         found = scan_roots([root])
-    assert sorted(f.path.name for f in found) == ["IMD003.jpg", "IMD004.bmp", "IMD058.tif"]
+    assert sorted(f.path.name for f in found) == ["IMD003.jpg", "IMD004.bmp", "IMD005.jfif", "IMD058.tif"]
     assert "1 entry left out" in caplog.text and "IMD058 notes.txt" in caplog.text
     assert ".DS_Store" not in caplog.text and "nevus" not in caplog.text
 

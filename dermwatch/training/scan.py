@@ -8,11 +8,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from dermwatch.errors import DataError
 from dermwatch.labels import CLASS_NAMES
+from dermwatch.pipeline.decode import ACCEPTED_FORMATS
 
-#: The files read as images: the formats the service reads (pipeline/decode.py), by name.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+#: The files read as images: every name Pillow gives a format the service reads
+#: (pipeline/decode.py), so that training and the service cannot drift apart. Besides
+#: .jpg, .png, .bmp and .tif, that is .jfif (a browser's "save image as" on Windows) and kin.
+IMAGE_SUFFIXES = frozenset(suffix for suffix, image_format in Image.registered_extensions().items()
+                           if image_format in ACCEPTED_FORMATS)
 _ISIC_ID = re.compile(r"ISIC_\d{7}")
 _SPLIT_FOLDERS = {"train": "train", "test": "test"}
 
