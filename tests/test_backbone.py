@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,8 @@ def test_a_stopped_run_resumes_from_its_last_epoch(planted: dict[str, Path], tmp
 
     whole = _train(tmp_path / "whole", planted)
     assert whole.exit_code == 0, whole.output
+    to_go = re.findall(r"(\d of 3) epochs to go: about \d+ min at this pace", whole.output)
+    assert to_go == ["2 of 3", "1 of 3"], whole.output  # after epochs 1 and 2; none after the last
     saved_epoch = checkpoint.EpochCheckpoint.on_epoch_end
 
     def stop_after_two(self, epoch, logs=None):
@@ -112,6 +115,7 @@ def test_a_stopped_run_resumes_from_its_last_epoch(planted: dict[str, Path], tmp
 
     resumed = CliRunner().invoke(cli, ["train", "--resume", str(tmp_path / "stopped")], catch_exceptions=False)
     assert resumed.exit_code == 0, resumed.output
+    assert "epoch 3:" in resumed.output and "to go" not in resumed.output  # epoch 3 of 3 was the last
     records = [json.loads((tmp_path / name / "training.json").read_text()) for name in ("whole", "stopped")]
     assert records[1]["resumed_after_epoch"] == 2 and records[0]["resumed_after_epoch"] is None
     without_time = [[{k: v for k, v in e.items() if k != "seconds"} for e in r["history"]] for r in records]

@@ -63,6 +63,7 @@ class KeepBestEpoch(keras.callbacks.Callback):
         self.best_weights = best_weights
         self.seconds_before = progress.seconds if progress else 0.0
         self.started = time.monotonic()
+        self.epochs_this_part = 0
 
     def seconds(self) -> float:
         """Training time so far in this part of the run."""
@@ -85,11 +86,16 @@ class KeepBestEpoch(keras.callbacks.Callback):
         if score > self.best_score:
             self.best_score, self.best_epoch = score, epoch + 1
             self.best_weights = self.model.get_weights()
+        self.epochs_this_part += 1
         log.info(
             "epoch %(epoch)d: loss %(loss).3f acc %(accuracy).3f | val acc %(val_accuracy).3f "
             "bal %(val_balanced_accuracy).3f mel-AUC %(val_melanoma_auc).3f | %(seconds).0fs",
             record,
         )
+        epochs = self.params.get("epochs", epoch + 1)
+        if epoch + 1 < epochs:  # the pace differs several-fold between CPUs: say early what this one needs
+            log.info("%d of %d epochs to go: about %.0f min at this pace", epochs - epoch - 1, epochs,
+                     (epochs - epoch - 1) * self.seconds() / self.epochs_this_part / 60)
 
 
 def on_tensorflow() -> bool:
@@ -154,7 +160,7 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions, *, resume: bool = 
         log.info("resuming after epoch %d of %d", progress.epochs_done, options.epochs)
     else:
         model = build_model(options.arch, options.input_size, width=options.width)
-        model.compile(optimizer=_optimizer(options, steps_per_epoch), loss=_loss(options), metrics=["accuracy"])
+        compile_for_training(model, options, steps_per_epoch)
     first_epoch = progress.epochs_done if progress else 0
     logit_offset = -np.log(class_priors(y_train)) if options.balance == "logit-adjust" else None
     keeper = KeepBestEpoch(x_val.astype(np.float32), y_val, logit_offset, progress,
@@ -232,6 +238,12 @@ def add_to_logit_bias(model: keras.Model, offset: np.ndarray) -> None:
     layer = model.get_layer("logits")
     kernel, bias = layer.get_weights()
     layer.set_weights([kernel, bias + offset.astype(bias.dtype)])
+
+
+def compile_for_training(model: keras.Model, options: TrainOptions, steps_per_epoch: int) -> None:
+    """The optimizer, schedule and loss of ``options``: what `dermwatch train` and
+    bench/train_speed.py both fit with."""
+    model.compile(optimizer=_optimizer(options, steps_per_epoch), loss=_loss(options), metrics=["accuracy"])
 
 
 def _optimizer(options: TrainOptions, steps_per_epoch: int) -> keras.optimizers.Optimizer:
