@@ -11,10 +11,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
+from click.testing import CliRunner, Result
 from PIL import Image
+from planted_data import plant_data_set
 from sqlalchemy import create_engine
 
 from dermwatch.config import Settings, load_settings
@@ -46,6 +49,52 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def flag_everything_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same network with an alert threshold so low that every image is flagged."""
     return _tiny_tflite(tmp_path_factory.mktemp("model-flags-all"), melanoma_threshold=1e-6)
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> dict[str, Path]:
+    """A small data set with every defect the real one has, for a test that may change it."""
+    return plant_data_set(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def planted_once(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same data set, made once for the tests that only read it."""
+    return plant_data_set(tmp_path_factory.mktemp("planted"))
+
+
+#: A tiny dermnet run: 3 epochs of 2 steps at 32 px, on split 5.
+TINY_RUN = ("--epochs", "3", "--input-size", "32", "--backbone", "dermnet", "--width", "4", "--batch-size", "16",
+            "--epoch-images", "32", "--split-seed", "5")
+
+
+def train_tiny(run_dir: Path, planted: dict[str, Path], *extra: str) -> Result:
+    """`dermwatch train` with TINY_RUN on ``planted``; ``extra`` options are added after it."""
+    from dermwatch.cli import cli
+
+    return CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth",
+                                    str(planted["truth"]), "--out", str(run_dir), *TINY_RUN, *extra])
+
+
+class TrainedRun(NamedTuple):
+    run_dir: Path
+    output: str  # what `dermwatch train` printed and logged
+
+
+@pytest.fixture(scope="session")
+def two_seeds(planted_once: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> list[TrainedRun]:
+    """Seeds 5 and 6 of TINY_RUN on planted_once, trained once for the session (training
+    dominates the suite's time): the resume test stops and resumes seed 5 against it, the
+    ensemble test averages the two. Tests read these runs and never change them. Each
+    pytest-xdist worker is a session of its own, so the tests that use it share the
+    xdist_group "two_seeds" (one worker)."""
+    runs = []
+    for seed in (5, 6):
+        run_dir = tmp_path_factory.mktemp(f"seed{seed}")
+        result = train_tiny(run_dir, planted_once, "--seed", str(seed))
+        assert result.exit_code == 0, result.output
+        runs.append(TrainedRun(run_dir, result.output))
+    return runs
 
 
 @pytest.fixture

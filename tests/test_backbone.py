@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_training import planted  # noqa: F401  (the fixture)
+from conftest import TrainedRun, train_tiny
 
 from dermwatch.cli import cli
 from dermwatch.errors import DataError
@@ -85,20 +85,14 @@ def test_a_file_of_another_kind_or_other_weights_is_refused(tmp_path: Path) -> N
         load_imagenet_weights(build_efficientnet_lite0(32, 9, imagenet=False), other)
 
 
-def _train(run_dir: Path, planted: dict[str, Path], *extra: str) -> object:  # noqa: F811
-    return CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth", str(planted["truth"]),
-                                    "--out", str(run_dir), "--epochs", "3", "--input-size", "32", "--backbone",
-                                    "dermnet", "--width", "4", "--batch-size", "16", "--epoch-images", "32", *extra])
-
-
-def test_a_stopped_run_resumes_from_its_last_epoch(planted: dict[str, Path], tmp_path: Path,  # noqa: F811
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.xdist_group("two_seeds")  # one worker trains them once
+def test_a_stopped_run_resumes_from_its_last_epoch(planted_once: dict[str, Path], two_seeds: list[TrainedRun],
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import keras
 
     from dermwatch.training import checkpoint
 
-    whole = _train(tmp_path / "whole", planted)
-    assert whole.exit_code == 0, whole.output
+    whole = two_seeds[0]  # seed 5 trained without a stop
     to_go = re.findall(r"(\d of 3) epochs to go: about \d+ min at this pace", whole.output)
     assert to_go == ["2 of 3", "1 of 3"], whole.output  # after epochs 1 and 2; none after the last
     saved_epoch = checkpoint.EpochCheckpoint.on_epoch_end
@@ -109,14 +103,14 @@ def test_a_stopped_run_resumes_from_its_last_epoch(planted: dict[str, Path], tmp
             raise KeyboardInterrupt  # the machine went down after epoch 2 was saved
 
     monkeypatch.setattr(checkpoint.EpochCheckpoint, "on_epoch_end", stop_after_two)
-    stopped = _train(tmp_path / "stopped", planted)
+    stopped = train_tiny(tmp_path / "stopped", planted_once, "--seed", "5")
     assert stopped.exit_code != 0 and not (tmp_path / "stopped" / "model.keras").exists()
     monkeypatch.setattr(checkpoint.EpochCheckpoint, "on_epoch_end", saved_epoch)
 
     resumed = CliRunner().invoke(cli, ["train", "--resume", str(tmp_path / "stopped")], catch_exceptions=False)
     assert resumed.exit_code == 0, resumed.output
     assert "epoch 3:" in resumed.output and "to go" not in resumed.output  # epoch 3 of 3 was the last
-    records = [json.loads((tmp_path / name / "training.json").read_text()) for name in ("whole", "stopped")]
+    records = [json.loads((run_dir / "training.json").read_text()) for run_dir in (whole.run_dir, tmp_path / "stopped")]
     assert records[1]["resumed_after_epoch"] == 2 and records[0]["resumed_after_epoch"] is None
     without_time = [[{k: v for k, v in e.items() if k != "seconds"} for e in r["history"]] for r in records]
     # One seed trains one model: the stopped run's first two epochs are the whole run's.
@@ -133,11 +127,11 @@ def test_a_stopped_run_resumes_from_its_last_epoch(planted: dict[str, Path], tmp
     assert not_a_run.exit_code == 1 and "no run.json" in not_a_run.output
 
 
-def test_efficientnet_trains_exports_and_its_card_names_the_weights(planted: dict[str, Path],  # noqa: F811
+def test_efficientnet_trains_exports_and_its_card_names_the_weights(planted_once: dict[str, Path],
                                                                     tmp_path: Path) -> None:
     run_dir = tmp_path / "lite0"
-    trained = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth",
-                                       str(planted["truth"]), "--out", str(run_dir), "--epochs", "1",
+    trained = CliRunner().invoke(cli, ["train", "--data", str(planted_once["root"]), "--ground-truth",
+                                       str(planted_once["truth"]), "--out", str(run_dir), "--epochs", "1",
                                        "--input-size", "32", "--batch-size", "16", "--epoch-images", "32"],
                                  catch_exceptions=False)
     assert trained.exit_code == 0, trained.output

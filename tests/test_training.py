@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from collections import Counter, defaultdict
@@ -11,73 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import write_jpeg
+from conftest import TrainedRun, write_jpeg
 from PIL import Image
+from planted_data import lesion_image
 
 from dermwatch.cli import cli
-from dermwatch.labels import CLASS_NAMES
 from dermwatch.training.audit import audit
-
-# Each class gets its own hue, so a tiny network has something real to learn.
-HUES = {label: i * 28 for i, label in enumerate(CLASS_NAMES)}
-
-
-def lesion_image(path: Path, label: str, seed: int, size: int = 64) -> Path:
-    """A blob of the class's hue on skin-coloured noise; different bytes for every seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:size, :size]
-    radius = rng.uniform(0.2, 0.35) * size
-    centre = rng.uniform(0.4, 0.6, 2) * size
-    blob = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 < radius**2
-    hsv = np.empty((size, size, 3), dtype=np.uint8)
-    hsv[..., 0] = np.where(blob, HUES[label], 15)
-    hsv[..., 1] = np.where(blob, 200, 90) + rng.integers(0, 30, (size, size))
-    hsv[..., 2] = np.where(blob, 120, 210) + rng.integers(0, 30, (size, size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(hsv, "HSV").convert("RGB").save(path, "JPEG", quality=95)
-    return path
-
-
-@pytest.fixture
-def planted(tmp_path: Path) -> dict[str, Path]:
-    """A small data set with every defect the real one has, planted on purpose."""
-    root = tmp_path / "isic9"
-    seed = 0
-    for label in CLASS_NAMES:
-        for _ in range(8):
-            seed += 1
-            lesion_image(root / "Train" / label / f"ISIC_{seed:07d}.jpg", label, seed)
-        for _ in range(2):
-            seed += 1
-            lesion_image(root / "Test" / label / f"ISIC_{seed:07d}.jpg", label, seed)
-    train, test = root / "Train", root / "Test"
-    # A twin under two classes that the ground truth settles (it is actinic keratosis) ...
-    twin = lesion_image(train / "actinic keratosis" / "ISIC_0100001.jpg", "actinic keratosis", 9001)
-    (train / "nevus" / "ISIC_0100001.jpg").write_bytes(twin.read_bytes())
-    # ... and one it does not know.
-    conflict = lesion_image(train / "melanoma" / "ISIC_0100002.jpg", "melanoma", 9002)
-    (train / "seborrheic keratosis" / "ISIC_0100002.jpg").write_bytes(conflict.read_bytes())
-    # A stray copy within one class.
-    stray = next((train / "actinic keratosis").iterdir())
-    (stray.parent / f"{stray.stem}(1).jpg").write_bytes(stray.read_bytes())
-    # Two photos of one lesion (ground truth lesion id), and a third in Test: a leak.
-    for n, where in ((1, train), (2, train), (3, test)):
-        lesion_image(where / "nevus" / f"ISIC_020000{n}.jpg", "nevus", 9100 + n)
-    # The same bytes in Train and Test under different labels.
-    leak = lesion_image(train / "melanoma" / "ISIC_0300000.jpg", "melanoma", 9200)
-    (test / "seborrheic keratosis" / "ISIC_0300000.jpg").write_bytes(leak.read_bytes())
-    # A re-encoded copy with different bytes but the same picture.
-    near = lesion_image(train / "dermatofibroma" / "ISIC_0400000.jpg", "dermatofibroma", 9300)
-    Image.open(near).save(train / "dermatofibroma" / "ISIC_0400001.jpg", "JPEG", quality=80)
-
-    truth = tmp_path / "ground_truth.csv"
-    with truth.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "lesion_id", "diagnosis"])
-        writer.writerow(["ISIC_0100001", "", "AK"])
-        for n in (1, 2, 3):
-            writer.writerow([f"ISIC_020000{n}", "HAM_0000042", "NV"])
-    return {"root": root, "truth": truth}
 
 
 def rows_by_name(rows):
@@ -194,10 +132,17 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     clinic = tmp_path / "clinic"  # another clinic's labelled images, never trained on
     for n in range(4):
         write_jpeg(clinic / ("melanoma", "nevus")[n % 2] / f"case{n}.jpg", seed=950 + n)
-    exported = runner.invoke(cli, ["export", str(run_dir), "--version", "t1", "--external", str(clinic)],
-                             catch_exceptions=False)
-    assert exported.exit_code == 0, exported.output
-    assert "external:clinic: 4 images" in exported.output
+    from dermwatch.modelcard import shipped_model_path
+    from dermwatch.training import export
+
+    shipped_before = shipped_model_path().read_bytes()
+    with monkeypatch.context() as patched:
+        patched.setattr(export, "MAX_SHIPPED_BYTES", 1)  # no file fits: --ship must refuse, shipping nothing
+        exported = runner.invoke(cli, ["export", str(run_dir), "--version", "t1", "--external", str(clinic),
+                                       "--ship"])
+    assert exported.exit_code == 1 and "nothing shipped: float32 (" in exported.output, exported.output
+    assert shipped_model_path().read_bytes() == shipped_before
+    assert "external:clinic: 4 images" in exported.output  # every file was still exported, checked and scored
     from dermwatch.pipeline.classifier import load_classifier
 
     for quantization in ("float32", "dynamic", "int8"):
@@ -217,7 +162,6 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     assert float_card["export_check"]["top1_agreement"] == 1.0
     assert float_card["export_check"]["max_probability_difference"] < 1e-4
     assert float_card["training"]["threshold_rule"].endswith("at least 50 (the worst of them decides)")
-    assert "chosen for shipping: dermwatch-" in exported.output
 
     from dermwatch.modelcard import write_card
     from dermwatch.training.export import NothingToShip, choose_shipped
@@ -254,32 +198,15 @@ def test_tiny_train_export_and_litert_load(planted: dict[str, Path], tmp_path: P
     with pytest.raises(NothingToShip, match=r"dynamic kept float32's figures but is [\d,]+ bytes"):
         choose_shipped([*paths, dynamic], max_bytes=1)
 
-    from dermwatch.modelcard import shipped_model_path
-    from dermwatch.training import export
 
-    shipped_before = shipped_model_path().read_bytes()
-    monkeypatch.setattr(export, "MAX_SHIPPED_BYTES", 1)  # no file fits: --ship must refuse, shipping nothing
-    refused = runner.invoke(cli, ["export", str(run_dir), "--ship"])
-    assert refused.exit_code == 1 and "nothing shipped: float32 (" in refused.output, refused.output
-    assert shipped_model_path().read_bytes() == shipped_before
-
-
-def test_a_seed_ensemble_averages_its_members_and_exports_like_a_run(planted: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.xdist_group("two_seeds")  # one worker trains them once
+def test_a_seed_ensemble_averages_its_members_and_exports_like_a_run(two_seeds: list[TrainedRun],
+                                                                     tmp_path: Path) -> None:
     """Two seeds on one split average into one model that exports like a run. (That one seed
     trains one model is checked by test_a_stopped_run_resumes_from_its_last_epoch.)"""
     import keras
 
-    def train(name: str, seed: int) -> Path:
-        result = CliRunner().invoke(cli, ["train", "--data", str(planted["root"]), "--ground-truth",
-                                          str(planted["truth"]), "--out", str(tmp_path / name), "--epochs", "2",
-                                          "--input-size", "32",
-                                          "--backbone", "dermnet", "--width", "4", "--batch-size", "16",
-                                          "--epoch-images", "64", "--seed", str(seed), "--split-seed", "5"],
-                                    catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return tmp_path / name
-
-    runs = [train("seed5", 5), train("seed6", 6)]
+    runs = [run.run_dir for run in two_seeds]
     ensemble_dir = tmp_path / "ensemble"
     made = CliRunner().invoke(cli, ["ensemble", *map(str, runs), "--out", str(ensemble_dir)], catch_exceptions=False)
     assert made.exit_code == 0, made.output
@@ -289,7 +216,7 @@ def test_a_seed_ensemble_averages_its_members_and_exports_like_a_run(planted: di
     assert not np.allclose(members[0], members[1], atol=1e-3)
     np.testing.assert_allclose(averaged, (members[0] + members[1]) / 2, atol=1e-5)
     exported = CliRunner().invoke(cli, ["export", str(ensemble_dir)], catch_exceptions=False)
-    assert exported.exit_code == 0, exported.output
+    assert exported.exit_code == 0 and "chosen for shipping: dermwatch-" in exported.output, exported.output
     card = json.loads((ensemble_dir / "export" / "dermwatch-float32.json").read_text())
     assert [m["seed"] for m in card["training"]["ensemble_members"]] == [5, 6]
     page = " ".join((ensemble_dir / "export" / "dermwatch-float32.html").read_text().split())
