@@ -6,7 +6,8 @@ measures, with the default recipe (TrainOptions) on random pixels, which cost wh
   1. training steps alone, one batch fed again and again: the network's share;
   2. the augmentation pipeline alone (training_batches): the input's share;
   3. both, as `dermwatch train` runs them;
-and prints what 3. means for the default run's epochs, beside a validation pass.
+and prints what 3. means for the default run's epochs, beside a validation pass, and the
+seconds from the start of 1. to the end of its first step (the step's state built, then traced).
 
     python bench/train_speed.py [--steps 40]
 """
@@ -25,7 +26,7 @@ from dermwatch.training.ema import SwapEMAWeights
 from dermwatch.training.model import build_model
 from dermwatch.training.options import TrainOptions
 from dermwatch.training.tf_batches import training_batches
-from dermwatch.training.train import compile_for_training
+from dermwatch.training.train import build_training_state, compile_for_training
 
 #: The shipped run's training and validation images (its card's training.train/val_images).
 TRAIN_IMAGES, VAL_IMAGES = 9316, 2328
@@ -34,23 +35,35 @@ WARM_UP_STEPS = 10
 
 
 class _StepClock(keras.callbacks.Callback):
-    """Seconds from the end of the warm-up steps to the end of the last."""
+    """Seconds to the end of the first step (building and tracing it), and from the end of
+    the warm-up steps to the end of the last."""
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.began = time.monotonic()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if batch == 0:
+            self.first_step = time.monotonic() - self.began
         if batch + 1 == WARM_UP_STEPS:
             self.started = time.monotonic()
         self.ended = time.monotonic()
 
 
-def _fit_rate(options: TrainOptions, batches: tf.data.Dataset, steps: int) -> float:
-    """Training images per second over ``steps`` timed steps, as `dermwatch train` compiles."""
+def _fit_rate(options: TrainOptions, batches: tf.data.Dataset, steps: int) -> tuple[float, float]:
+    """Training images per second over ``steps`` timed steps, as `dermwatch train` compiles
+    and fits, and the seconds from the start (the state built first, as train does) to the
+    end of the first step."""
     keras.utils.set_random_seed(options.seed)
     model = build_model(options.arch, options.input_size, width=options.width)
     compile_for_training(model, options, options.epoch_images // options.batch_size)
+    started = time.monotonic()
+    image, label = next(iter(batches))
+    build_training_state(model, image.numpy()[:1], label.numpy()[:1])
+    built = time.monotonic() - started
     clock = _StepClock()
     model.fit(batches, steps_per_epoch=WARM_UP_STEPS + steps, epochs=1, verbose=0,
               callbacks=[SwapEMAWeights(), clock] if options.ema else [clock])
-    return steps * options.batch_size / (clock.ended - clock.started)
+    return steps * options.batch_size / (clock.ended - clock.started), built + clock.first_step
 
 
 def main() -> None:
@@ -70,7 +83,7 @@ def main() -> None:
 
     one_batch = tf.data.Dataset.from_tensors((tf.constant(pixels[:options.batch_size], tf.float32),
                                               tf.constant(labels[:options.batch_size]))).repeat()
-    steps_only = _fit_rate(options, one_batch, args.steps)
+    steps_only, first_step = _fit_rate(options, one_batch, args.steps)
 
     batches = iter(augmented())
     for _ in range(WARM_UP_STEPS):
@@ -80,7 +93,7 @@ def main() -> None:
         next(batches)
     augmentation_only = args.steps * options.batch_size / (time.monotonic() - started)
 
-    both = _fit_rate(options, augmented(), args.steps)
+    both, _ = _fit_rate(options, augmented(), args.steps)
 
     model = build_model(options.arch, options.input_size, width=options.width)
     validation = pixels[:VAL_IMAGES].astype(np.float32)
@@ -90,6 +103,7 @@ def main() -> None:
     validation_seconds = time.monotonic() - started
 
     epoch_seconds = options.epoch_images / both + validation_seconds
+    print(f"start to first step:     {first_step:6.1f} s (building and tracing it)")
     print(f"training steps alone:    {steps_only:6.1f} images/s")
     print(f"augmentation alone:      {augmentation_only:6.1f} images/s")
     print(f"both, as train runs:     {both:6.1f} images/s")
