@@ -49,16 +49,16 @@ class _StepClock(keras.callbacks.Callback):
         self.ended = time.monotonic()
 
 
-def _fit_rate(options: TrainOptions, batches: tf.data.Dataset, steps: int) -> tuple[float, float]:
+def _fit_rate(options: TrainOptions, batches: tf.data.Dataset, steps: int,
+              first: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
     """Training images per second over ``steps`` timed steps, as `dermwatch train` compiles
     and fits, and the seconds from the start (the state built first, as train does) to the
-    end of the first step."""
+    end of the first step. ``first`` is one image and its label, to build the state from."""
     keras.utils.set_random_seed(options.seed)
     model = build_model(options.arch, options.input_size, width=options.width)
     compile_for_training(model, options, options.epoch_images // options.batch_size)
     started = time.monotonic()
-    image, label = next(iter(batches))
-    build_training_state(model, image.numpy()[:1], label.numpy()[:1])
+    build_training_state(model, *first)
     built = time.monotonic() - started
     clock = _StepClock()
     model.fit(batches, steps_per_epoch=WARM_UP_STEPS + steps, epochs=1, verbose=0,
@@ -83,7 +83,8 @@ def main() -> None:
 
     one_batch = tf.data.Dataset.from_tensors((tf.constant(pixels[:options.batch_size], tf.float32),
                                               tf.constant(labels[:options.batch_size]))).repeat()
-    steps_only, first_step = _fit_rate(options, one_batch, args.steps)
+    first = (pixels[:1], labels[:1])
+    steps_only, first_step = _fit_rate(options, one_batch, args.steps, first)
 
     batches = iter(augmented())
     for _ in range(WARM_UP_STEPS):
@@ -93,7 +94,7 @@ def main() -> None:
         next(batches)
     augmentation_only = args.steps * options.batch_size / (time.monotonic() - started)
 
-    both, _ = _fit_rate(options, augmented(), args.steps)
+    both, _ = _fit_rate(options, augmented(), args.steps, first)
 
     model = build_model(options.arch, options.input_size, width=options.width)
     validation = pixels[:VAL_IMAGES].astype(np.float32)

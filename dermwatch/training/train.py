@@ -62,8 +62,8 @@ class KeepBestEpoch(keras.callbacks.Callback):
         self.best_epoch = progress.best_epoch if progress else -1
         self.best_weights = best_weights
         self.seconds_before = progress.seconds if progress else 0.0
+        self.epochs_before = progress.epochs_done if progress else 0
         self.started = time.monotonic()
-        self.epochs_this_part = 0
 
     def seconds(self) -> float:
         """Training time so far in this part of the run."""
@@ -86,7 +86,6 @@ class KeepBestEpoch(keras.callbacks.Callback):
         if score > self.best_score:
             self.best_score, self.best_epoch = score, epoch + 1
             self.best_weights = self.model.get_weights()
-        self.epochs_this_part += 1
         log.info(
             "epoch %(epoch)d: loss %(loss).3f acc %(accuracy).3f | val acc %(val_accuracy).3f "
             "bal %(val_balanced_accuracy).3f mel-AUC %(val_melanoma_auc).3f | %(seconds).0fs",
@@ -95,7 +94,7 @@ class KeepBestEpoch(keras.callbacks.Callback):
         epochs = self.params.get("epochs", epoch + 1)
         if epoch + 1 < epochs:  # the pace differs several-fold between CPUs: say early what this one needs
             log.info("%d of %d epochs to go: about %.0f min at this pace", epochs - epoch - 1, epochs,
-                     (epochs - epoch - 1) * self.seconds() / self.epochs_this_part / 60)
+                     (epochs - epoch - 1) * self.seconds() / (epoch + 1 - self.epochs_before) / 60)
 
 
 def on_tensorflow() -> bool:
