@@ -15,7 +15,6 @@ import argparse
 import json
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from dermwatch.preprocess import model_view
@@ -23,6 +22,7 @@ from dermwatch.training.calibration import softmax
 from dermwatch.training.data import load_arrays
 from dermwatch.training.export import read_manifest
 from dermwatch.training.metrics import MELANOMA_INDEX, roc_auc
+from dermwatch.training.model import load_trained_model
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     options = json.loads((args.run_dir / "training.json").read_text())["options"]
     rows = read_manifest(args.run_dir / "manifest.csv")
-    model = keras.models.load_model(args.run_dir / "model.keras")
+    model = load_trained_model(args.run_dir / "model.keras")
     print("| split | root | melanomas | nevi | melanoma vs nevus AUC |\n|---|---|---|---|---|")
     pigmented = [r for r in rows if r.resolved_label in ("melanoma", "nevus")]
     for split in ("train", "val"):

@@ -19,6 +19,7 @@ import numpy as np
 from keras import layers
 
 from dermwatch.errors import DataError
+from dermwatch.training.batch_norm import FusedBatchNormalization
 from dermwatch.training.legacy_checkpoint import load_state_dict
 
 
@@ -54,8 +55,8 @@ def _conv(filters: int, kernel: int, module: str, strides: int = 1) -> layers.Co
     return layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=layer_name(module))
 
 
-def _bn(module: str) -> layers.BatchNormalization:
-    return layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=layer_name(module))
+def _bn(module: str) -> FusedBatchNormalization:
+    return FusedBatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=layer_name(module))
 
 
 def _relu6(x):

@@ -24,6 +24,7 @@ from dermwatch.training.calibration import THRESHOLD_RULE, calibrate
 from dermwatch.training.data import load_arrays
 from dermwatch.training.export import read_manifest
 from dermwatch.training.metrics import summarize
+from dermwatch.training.model import load_trained_model
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def ensemble_run(run_dirs: list[Path], out_dir: Path) -> dict:
                                 f"{first['options'].get(key)!r}: one input cannot feed both")
     options = first["options"]
     size = options["input_size"]
-    model = average_logits([keras.models.load_model(run_dir / "model.keras") for run_dir in run_dirs], size)
+    model = average_logits([load_trained_model(run_dir / "model.keras") for run_dir in run_dirs], size)
 
     rows = read_manifest(run_dirs[0] / "manifest.csv")
     val_images, val_labels = load_arrays([r for r in rows if r.split == "val"], size)

@@ -25,6 +25,7 @@ from dermwatch.training.card_html import render_card_html
 from dermwatch.training.data import load_arrays
 from dermwatch.training.evaluate import evaluate_model
 from dermwatch.training.metrics import defined, worst_root_threshold
+from dermwatch.training.model import load_trained_model
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def export_run(run_dir: Path, version: str | None = None, tta: bool = False,
     options = record["options"]
     size = options["input_size"]
     rows = read_manifest(run_dir / "manifest.csv")
-    trained = keras.models.load_model(run_dir / "model.keras")
+    trained = load_trained_model(run_dir / "model.keras")
 
     rng = np.random.default_rng(options["seed"])
     train_rows = [r for r in rows if r.split == "train"]

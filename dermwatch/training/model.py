@@ -7,10 +7,13 @@ the service never needs to know how pixels are scaled: the model does it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 from keras import layers
 
 from dermwatch.labels import CLASS_NAMES
+from dermwatch.training.batch_norm import FusedBatchNormalization
 from dermwatch.training.model_names import ARCHITECTURES
 
 
@@ -27,6 +30,11 @@ def build_model(arch: str, input_size: int, *, width: int = 32, dropout: float =
     if arch == "dermnet":
         return _dermnet(input_size, width, dropout)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def load_trained_model(path: Path) -> keras.Model:
+    """A saved network (model.keras or a checkpoint), with dermwatch's own layers known to Keras."""
+    return keras.models.load_model(path)
 
 
 def _seed(input_size: int) -> keras.Model:
@@ -64,18 +72,18 @@ def _dermnet(input_size: int, width: int, dropout: float) -> keras.Model:
 
 def _conv_bn(x, filters: int, kernel: int, strides: int = 1):
     x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+    x = FusedBatchNormalization()(x)
     return layers.Activation("relu")(x)
 
 
 def _residual_block(x, filters: int, strides: int):
     shortcut = x
     y = layers.SeparableConv2D(filters, 3, strides=strides, padding="same", use_bias=False)(x)
-    y = layers.BatchNormalization()(y)
+    y = FusedBatchNormalization()(y)
     y = layers.Activation("relu")(y)
     y = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False)(y)
-    y = layers.BatchNormalization()(y)
+    y = FusedBatchNormalization()(y)
     if strides != 1 or shortcut.shape[-1] != filters:
         shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False)(shortcut)
-        shortcut = layers.BatchNormalization()(shortcut)
+        shortcut = FusedBatchNormalization()(shortcut)
     return layers.Activation("relu")(layers.Add()([shortcut, y]))

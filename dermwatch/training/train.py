@@ -29,7 +29,7 @@ from dermwatch.training.efficientnet_lite import IMAGENET_WEIGHTS
 from dermwatch.training.ema import SwapEMAWeights
 from dermwatch.training.losses import SmoothedSparseCrossentropy
 from dermwatch.training.metrics import MELANOMA_INDEX, balanced_accuracy, roc_auc, summarize
-from dermwatch.training.model import build_model
+from dermwatch.training.model import build_model, load_trained_model
 from dermwatch.training.options import TrainOptions
 from dermwatch.training.portable_batches import PortableBatches
 
@@ -155,7 +155,7 @@ def train(audit: Audit, out_dir: Path, options: TrainOptions, *, resume: bool = 
     if resume and progress is None:
         log.info("no finished epoch in %s: starting from the first", checkpoints)
     if progress:
-        model = keras.models.load_model(checkpoints / progress.model_file)
+        model = load_trained_model(checkpoints / progress.model_file)
         log.info("resuming after epoch %d of %d", progress.epochs_done, options.epochs)
     else:
         model = build_model(options.arch, options.input_size, width=options.width)
