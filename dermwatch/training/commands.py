@@ -161,7 +161,7 @@ def ensemble_command(run_dirs: tuple[Path, ...], out_dir: Path) -> None:
                    "as external:NAME; no threshold or choice is made on them.")
 def export_command(run_dir: Path, version: str | None, tta: bool, ship: bool,
                    external_roots: tuple[Path, ...]) -> None:
-    """Convert a training run to float32 and int8 TFLite, check and score both."""
+    """Convert a training run to float32, dynamic (int8 weights) and int8 TFLite; check and score each."""
     from dermwatch.modelcard import load_card, shipped_model_path
     from dermwatch.training.export import NothingToShip, choose_shipped, export_run
     from dermwatch.training.export import ship as ship_model

@@ -1,4 +1,5 @@
-"""Keras -> TFLite (float32 and full-integer int8), checked against Keras, with model cards."""
+"""Keras -> TFLite (float32, int8 weights with float activations, and full-integer int8),
+checked against Keras, with model cards."""
 
 from __future__ import annotations
 
@@ -118,7 +119,8 @@ def read_manifest(path: Path) -> list[ManifestRow]:
 
 def export_run(run_dir: Path, version: str | None = None, tta: bool = False,
                external_roots: tuple[Path, ...] = ()) -> list[Path]:
-    """Export a training run's best model as float32 and int8 TFLite with checked cards.
+    """Export a training run's best model as float32, dynamic and int8 TFLite (QUANTIZATIONS)
+    with checked cards.
 
     Each is then scored through LiteRT on validation and Test (see evaluate.py); the
     scores go into its card, next to an HTML rendering of the card. The melanoma threshold
