@@ -13,6 +13,10 @@ import argparse
 import statistics
 import time
 
+import dermwatch  # noqa: F401  first: it turns on TensorFlow's oneDNN kernels, before TensorFlow loads
+
+# isort: split
+
 import keras
 import numpy as np
 import tensorflow as tf

@@ -1,7 +1,7 @@
 """How long the default `dermwatch train` takes on this machine, measured in minutes, not hours.
 
-The pace of training differs several-fold between CPUs (oneDNN's convolutions run far faster
-where AVX-512 is present), so a README figure from one machine cannot promise another's. This
+The pace of training differs several-fold between CPUs, so a README figure from one machine
+cannot promise another's. This
 measures, with the default recipe (TrainOptions) on random pixels, which cost what real ones do:
   1. training steps alone, one batch fed again and again: the network's share;
   2. the augmentation pipeline alone (training_batches): the input's share;
@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import argparse
 import time
+
+import dermwatch  # noqa: F401  first: it turns on TensorFlow's oneDNN kernels, before TensorFlow loads
+
+# isort: split
 
 import keras
 import numpy as np
