@@ -1,8 +1,8 @@
 """How long the default `dermwatch train` takes on this machine, measured in minutes, not hours.
 
 The pace of training differs several-fold between CPUs, so a README figure from one machine
-cannot promise another's. This
-measures, with the default recipe (TrainOptions) on random pixels, which cost what real ones do:
+cannot promise another's. This measures, with the default recipe (TrainOptions) on random
+pixels, which cost what real ones do:
   1. training steps alone, one batch fed again and again: the network's share;
   2. the augmentation pipeline alone (training_batches): the input's share;
   3. both, as `dermwatch train` runs them;
