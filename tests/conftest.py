@@ -29,14 +29,15 @@ TINY_INPUT = 32
 def _tiny_tflite(folder: Path, melanoma_threshold: float) -> Path:
     import keras
 
-    from dermwatch.training.export import card_document, convert, save_tflite, with_probabilities
+    from dermwatch.training.export import card_document, convert, inference_graph, save_tflite, with_probabilities
     from dermwatch.training.model import build_model
 
     keras.utils.set_random_seed(0)
     model = with_probabilities(build_model("dermnet", TINY_INPUT, width=4), temperature=1.0)
     document = card_document(name="tiny-test-model", version="test", input_size=TINY_INPUT,
                              melanoma_threshold=melanoma_threshold, quantization="float32")
-    return save_tflite(convert(model), folder / "tiny.tflite", document)
+    with inference_graph(model) as graph:
+        return save_tflite(convert(graph), folder / "tiny.tflite", document)
 
 
 @pytest.fixture(scope="session")
